@@ -1,0 +1,84 @@
+"""Optimizer parameter groups and learning-rate schedules built from config factories."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Runtime arguments a scheduler may need, filled in when its constructor takes them
+# and the config left them out. Units follow the scheduler's `interval`.
+_LENGTH_ARGS = ("total_steps", "T_max", "total_iters")
+
+
+def param_groups(model: nn.Module, *, weight_decay_norm_bias: bool, backbone_lr_scale: float) -> list[dict]:
+    """Split parameters into groups: optional no-decay for norms/biases, optional backbone lr scale."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    head = {id(p) for p in _classifier(model).parameters()} if backbone_lr_scale != 1.0 else set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            # Norm scales and biases are 1-D; decaying them only fights the normalisation.
+            no_decay = not weight_decay_norm_bias and p.ndim <= 1
+            in_backbone = bool(head) and id(p) not in head
+            groups.setdefault((no_decay, in_backbone), []).append(p)
+    out = []
+    for (no_decay, in_backbone), params in groups.items():
+        group: dict = {"params": params, "lr_scale": backbone_lr_scale if in_backbone else 1.0}
+        if no_decay:
+            group["weight_decay"] = 0.0
+        out.append(group)
+    return out
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    fc = getattr(model, "fc", None)
+    if not isinstance(fc, nn.Module):
+        raise ValueError(f"{type(model).__name__} has no `fc` classifier; trainer.backbone_lr_scale needs one")
+    return fc
+
+
+def build_optimizer(factory: Callable, groups: list[dict]) -> torch.optim.Optimizer:
+    """Call the optimizer factory (a functools.partial from the config) on the param groups."""
+    base_lr = _keyword(factory, "lr")
+    if base_lr is not None:
+        for g in groups:
+            if g["lr_scale"] != 1.0:
+                g["lr"] = base_lr * g["lr_scale"]
+    return factory(groups)
+
+
+def build_scheduler(factory: Callable, optimizer: torch.optim.Optimizer, *, interval: str,
+                    steps_per_epoch: int, epochs: int, warmup_epochs: float = 0.0):
+    """Build the schedule in units of `interval` (step|epoch), with an optional linear warm-up."""
+    if interval not in ("step", "epoch"):
+        raise ValueError(f"scheduler.interval must be step or epoch, got {interval!r}")
+    per_epoch = steps_per_epoch if interval == "step" else 1
+    total = max(1, epochs * per_epoch)
+    warmup = int(round(warmup_epochs * per_epoch))
+    func = getattr(factory, "func", factory)
+    params = inspect.signature(func).parameters
+    kwargs = {name: max(1, total - warmup) for name in _LENGTH_ARGS
+              if name in params and _keyword(factory, name) is None}
+    max_lr = _keyword(factory, "max_lr")
+    if max_lr is not None and any(g.get("lr_scale", 1.0) != 1.0 for g in optimizer.param_groups):
+        kwargs["max_lr"] = [max_lr * g.get("lr_scale", 1.0) for g in optimizer.param_groups]
+    if warmup and "max_lr" in params:
+        log.warning("trainer.warmup_epochs is ignored: %s has its own warm-up phase", func.__name__)
+        warmup = 0
+        kwargs = {k: (total if k in _LENGTH_ARGS else v) for k, v in kwargs.items()}
+    main = factory(optimizer, **kwargs)
+    if not warmup:
+        return main
+    start = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, end_factor=1.0, total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [start, main], milestones=[warmup])
+
+
+def _keyword(factory: Callable, name: str):
+    return getattr(factory, "keywords", {}).get(name)

@@ -1,0 +1,153 @@
+"""Where and how a run executes: device, precision, memory format, seeds, processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from resnet_cli.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+@dataclass
+class Runtime:
+    """The resolved execution settings of one process."""
+
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    channels_last: bool
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes logs and checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether this run spans several processes (torchrun)."""
+        return self.world_size > 1
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The memory format for the model and its image batches."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self) -> AbstractContextManager:
+        """Autocast context for the forward pass (a no-op in fp32)."""
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def describe(self) -> str:
+        """One line saying what was chosen, printed at start-up."""
+        where = f"rank {self.rank}/{self.world_size} " if self.distributed else ""
+        fmt = "channels_last" if self.channels_last else "contiguous"
+        return f"{where}device {self.device} ({_device_name(self.device)}), precision {self.precision}, memory format {fmt}"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{torch.get_num_threads()} CPU threads"
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """Turn trainer.device (auto|cpu|cuda|cuda:N|mps) into a torch.device."""
+    name = str(name).lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"trainer.device={name} but no CUDA device is visible; use trainer.device=cpu or auto")
+        if name == "cuda":
+            return torch.device("cuda", local_rank)
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"trainer.device={name} is not a device (use auto, cpu, cuda or cuda:N)") from exc
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn trainer.precision (auto|fp32|bf16|fp16) into what this device runs."""
+    precision = getattr(precision, "value", precision)
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if device.type == "cpu" and cpu_supports_bf16() else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise UserError("trainer.precision=fp16 is for CUDA; on the CPU use bf16 or fp32")
+    return precision
+
+
+def resolve_channels_last(value: str, device: torch.device, precision: str) -> bool:
+    """Turn trainer.channels_last (auto|true|false) into a decision."""
+    value = str(value).lower()
+    if value == "auto":
+        if device.type == "cuda":
+            return torch.cuda.get_device_capability(device)[0] >= 7  # tensor cores want NHWC
+        # oneDNN's bf16 convolutions are fastest in NHWC; fp32 on CPU gains little.
+        return device.type == "cpu" and precision == "bf16"
+    if value not in _BOOL:
+        raise UserError(f"trainer.channels_last={value} is not one of auto, true, false")
+    return _BOOL[value]
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch; optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; must be set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def setup(trainer_cfg) -> Runtime:
+    """Resolve device/precision/memory format, join the process group under torchrun, seed."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(trainer_cfg.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    precision = resolve_precision(trainer_cfg.precision, device)
+    channels_last = resolve_channels_last(trainer_cfg.channels_last, device, precision)
+    seed_everything(int(trainer_cfg.seed), bool(trainer_cfg.deterministic))
+    return Runtime(device, precision, channels_last, rank, local_rank, world_size)
+
+
+def teardown(rt: Runtime) -> None:
+    """Leave the process group, if any."""
+    if rt.distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,101 @@
+"""What a run records: TensorBoard events, metrics.json, class names, the epoch table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# (name, width, format): one aligned row per epoch, nanoGPT/airbench style.
+_COLUMNS = (("epoch", 5, "d"), ("train_loss", 10, ".4f"), ("train_acc", 9, ".4f"), ("val_loss", 8, ".4f"),
+            ("val_acc", 7, ".4f"), ("lr", 9, ".2e"), ("img/s", 8, ".0f"), ("time_s", 6, ".1f"))
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (temporary file + rename), so readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def table_header() -> str:
+    """The header of the per-epoch console table."""
+    return "  ".join(name.rjust(width) for name, width, _ in _COLUMNS)
+
+
+def table_row(row: dict) -> str:
+    """One aligned row of the per-epoch console table."""
+    return "  ".join(format(row[name], f">{width}{fmt}") if name in row else "-".rjust(width)
+                     for name, width, fmt in _COLUMNS)
+
+
+class Tracker:
+    """TensorBoard writer and run-folder files; a no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, enabled: bool, purge_step: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed run wrote past the checkpoint we resume from,
+            # so the step axis continues without duplicate points.
+            self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Log scalars at a global step."""
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def image(self, tag: str, image, step: int) -> None:
+        """Log one CHW float image in [0, 1]."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Log a markdown text."""
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def graph(self, model, example) -> None:
+        """Log the model graph (traced on one example batch)."""
+        if self.writer is not None:
+            self.writer.add_graph(model, example)
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Log the run's hyperparameters and final metrics to the HParams tab."""
+        if self.writer is None:
+            return
+        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+
+    def write_json(self, name: str, data: Any) -> None:
+        """Write a JSON file into the run folder (rank 0 only)."""
+        if self.enabled:
+            write_json(self.run_dir / name, data)
+
+    def flush(self) -> None:
+        """Flush events to disk."""
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the writer."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

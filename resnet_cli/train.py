@@ -1,0 +1,518 @@
+"""`resnet-train`: compose the config, build data, model and optimizer, fit, return the metric.
+
+Only Hydra and OmegaConf are imported at module level: `--help`, `--cfg job` and
+shell completion never pay for torch. Everything heavy is imported inside `fit`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from resnet_cli import config as _schemas  # noqa: F401  (registers the typed schemas)
+from resnet_cli import config_dir
+from resnet_cli.errors import UserError, one_line
+
+log = logging.getLogger("resnet_cli")
+
+EXIT_USER_ERROR = 2  # bad config, missing data, unreadable file: fix and run again
+EXIT_DIVERGED = 3  # non-finite loss: the last good checkpoint is named in the message
+EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGUSR1/SIGINT after saving last.pt: rerun with trainer.resume=auto
+_STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+class Diverged(UserError):
+    """Training produced a non-finite loss."""
+
+
+class Preempted(Exception):
+    """A stop signal arrived; the state was saved and the run can be resumed."""
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def hydra_main(cfg: DictConfig) -> float:
+    """Hydra's task function: one training run in its own run folder."""
+    hc = HydraConfig.get()
+    try:
+        return fit(cfg, Path(hc.runtime.output_dir))
+    except UserError as exc:
+        if hc.mode != RunMode.RUN:
+            raise  # in a sweep, Hydra records the failed job and the others go on
+        # A single run: report here, before Hydra adds its own "Error executing job" line.
+        _report(exc)
+
+
+def main() -> None:
+    """Console entry point: run Hydra, and turn user-caused errors into one line and an exit code."""
+    # Let errors reach us instead of Hydra's multi-line report, so they print as one line.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    _quiet_other_ranks()
+    try:
+        hydra_main()
+    except Preempted as exc:
+        print(f"resnet-train: {exc}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+    except (UserError, HydraException, OmegaConfBaseException) as exc:
+        _report(exc)
+
+
+def _report(exc: BaseException) -> None:
+    print(f"resnet-train: error: {one_line(exc)}", file=sys.stderr)
+    sys.exit(EXIT_DIVERGED if isinstance(exc, Diverged) else EXIT_USER_ERROR)
+
+
+def _quiet_other_ranks() -> None:
+    # Under torchrun every process runs Hydra; only rank 0 may create a run folder.
+    if int(os.environ.get("RANK", "0")) != 0 and len(sys.argv) > 0:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.run.dir=."]
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    """The resolved config as plain Python data (what checkpoints and resume compare)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def fit(cfg: DictConfig, run_dir: Path) -> float:
+    """Train as configured, writing into run_dir; returns the best validation accuracy."""
+    import torch
+    from hydra.utils import instantiate
+
+    from resnet_cli import checkpoint as ckpt_io
+    from resnet_cli import engine, optim, runtime
+    from resnet_cli.tracking import Tracker, table_header, table_row
+
+    tcfg = cfg.trainer
+    rt = runtime.setup(tcfg)
+    try:
+        plain = to_plain(cfg)
+        resume_from, run_dir = _resolve_resume(cfg, plain, run_dir, rt, ckpt_io)
+        if rt.is_main:
+            log.info("%s", rt.describe())
+            log.info("run folder: %s", run_dir.resolve())
+
+        bundle = instantiate(cfg.dataset)(device=rt.device, seed=int(tcfg.seed), rank=rt.rank,
+                                          world_size=rt.world_size)
+        class_names = list(bundle.class_names)
+        if rt.is_main and bundle.summary:
+            log.info("data: %s", bundle.summary)
+        raw_model = instantiate(cfg.model)(num_classes=len(class_names))
+        raw_model = raw_model.to(rt.device, memory_format=rt.memory_format)
+        if rt.distributed and tcfg.sync_batchnorm:
+            raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+        model = raw_model
+        if rt.distributed:
+            ids = [rt.device.index] if rt.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if tcfg.compile:
+            model = torch.compile(model)
+
+        groups = optim.param_groups(raw_model, weight_decay_norm_bias=tcfg.weight_decay_norm_bias,
+                                    backbone_lr_scale=tcfg.backbone_lr_scale)
+        optimizer = optim.build_optimizer(instantiate(cfg.optimizer), groups)
+        sched_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True)
+        interval = sched_cfg.pop("interval", "epoch")
+        accum = max(1, int(tcfg.grad_accum_steps))
+        batches_per_epoch = _limit(len(bundle.train), tcfg.limit_train_batches)
+        steps_per_epoch = max(1, batches_per_epoch // accum)
+        scheduler = optim.build_scheduler(instantiate(sched_cfg), optimizer, interval=interval,
+                                          steps_per_epoch=steps_per_epoch, epochs=int(tcfg.epochs),
+                                          warmup_epochs=float(tcfg.warmup_epochs))
+        ema = None
+        if tcfg.ema_decay:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(float(tcfg.ema_decay)),
+                                use_buffers=True)
+        scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=float(tcfg.label_smoothing))
+        loop = engine.Loop(model, optimizer, scheduler, interval, scaler, rt, criterion, ema,
+                           grad_clip_value=float(tcfg.grad_clip_value), grad_clip_norm=float(tcfg.grad_clip_norm),
+                           accum_steps=accum, max_bad_steps=int(tcfg.max_bad_steps),
+                           log_every=max(1, int(tcfg.log_every_n_steps)))
+
+        if tcfg.dry_run:
+            return _dry_run(raw_model, bundle, rt, steps_per_epoch, cfg)
+
+        state = _State(best_value=None, best_epoch=-1, history=[], start_epoch=0, start_batch=0, running=None)
+        if resume_from is not None:
+            state = _restore(resume_from, raw_model, loop, state, ckpt_io, rt)
+        tracker = Tracker(run_dir, rt.is_main, purge_step=loop.global_step if resume_from else None)
+        if rt.is_main:
+            (run_dir / "class_names.json").write_text(_json(class_names))
+        saver = _Saver(run_dir, rt, ckpt_io, raw_model, loop, plain, class_names, bundle.eval_spec, tcfg)
+        stopper = _StopFlag()
+        if tcfg.log_graph and rt.is_main and resume_from is None:
+            images, _ = engine.to_device(next(iter(bundle.val.iter_from(0))), rt)
+            tracker.graph(raw_model, images[:1])
+
+        best = _run_epochs(cfg, loop, bundle, state, tracker, saver, stopper, engine, batches_per_epoch,
+                           table_header, table_row, class_names)
+        tracker.close()
+        return best
+    finally:
+        runtime.teardown(rt)
+
+
+class _State:
+    """Progress that a checkpoint carries between processes."""
+
+    def __init__(self, **kw: Any):
+        self.__dict__.update(kw)
+
+
+def _limit(n: int, limit: int) -> int:
+    return min(n, limit) if limit else n
+
+
+def _json(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2) + "\n"
+
+
+def _resolve_resume(cfg: DictConfig, plain: dict, run_dir: Path, rt, ckpt_io) -> tuple[Path | None, Path]:
+    """Which checkpoint to continue from (if any) and which run folder to write into."""
+    request = cfg.trainer.resume
+    if not request:
+        return None, run_dir
+    found: Path | None = None
+    if rt.is_main:
+        if str(request) == "auto":
+            if (run_dir / ckpt_io.LAST).is_file():
+                found = run_dir  # a fixed hydra.run.dir (e.g. a requeued SLURM job) resumes in place
+            else:
+                found = ckpt_io.find_resumable(cfg.output_root, plain, exclude=run_dir)
+            if found is None:
+                log.info("trainer.resume=auto: no unfinished run of this config under %s; starting fresh",
+                         cfg.output_root)
+        else:
+            path = Path(str(request))
+            if not path.exists():
+                raise UserError(f"trainer.resume={request}: no such checkpoint or run folder")
+            found = path
+    found = _broadcast(found, rt)
+    if found is None:
+        return None, run_dir
+    ckpt_file = found / ckpt_io.LAST if found.is_dir() else found
+    new_dir = ckpt_file.parent
+    if rt.is_main and new_dir.resolve() != run_dir.resolve():
+        # Continue in the original folder so checkpoints and the TensorBoard step axis stay in one run.
+        (run_dir / "resumed_into.txt").write_text(f"{new_dir.resolve()}\n")
+        handler = logging.FileHandler(new_dir / "train.log")
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logging.getLogger().addHandler(handler)
+        log.info("resuming %s in %s", ckpt_file, new_dir)
+    return ckpt_file, new_dir
+
+
+def _broadcast(value: Any, rt) -> Any:
+    if not rt.distributed:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _restore(path: Path, raw_model, loop, state: _State, ckpt_io, rt) -> _State:
+    """Load a checkpoint into the model, optimizer, scheduler, scaler, EMA and RNGs."""
+    ck = ckpt_io.load(path, map_location=rt.device)
+    raw_model.load_state_dict(ck["model"])
+    loop.optimizer.load_state_dict(ck["optimizer"])
+    loop.scheduler.load_state_dict(ck["scheduler"])
+    if ck.get("scaler"):
+        loop.scaler.load_state_dict(ck["scaler"])
+    if loop.ema is not None and ck.get("ema"):
+        loop.ema.load_state_dict(ck["ema"])
+    loop.global_step = int(ck["global_step"])
+    loop.bad_steps = int(ck.get("bad_steps", 0))
+    ckpt_io.set_rng_state(ck["rng"])
+    best = ck.get("best", {})
+    if rt.is_main:
+        log.info("resumed from %s at epoch %d, batch %d (global step %d)", path, ck["epoch"], ck["step_in_epoch"],
+                 loop.global_step)
+    return _State(best_value=best.get("value"), best_epoch=best.get("epoch", -1), history=list(ck.get("history", [])),
+                  start_epoch=int(ck["epoch"]), start_batch=int(ck["step_in_epoch"]), running=ck.get("running"))
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGUSR1/SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        for name in _STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                try:
+                    signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread (e.g. some launchers): no handler
+                    pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signal.Signals(signum).name == "SIGINT":
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal = signal.Signals(signum).name
+
+
+class _Saver:
+    """Writes last/best/top-k checkpoints; refuses non-finite weights."""
+
+    def __init__(self, run_dir, rt, ckpt_io, raw_model, loop, plain, class_names, eval_spec, tcfg):
+        self.run_dir, self.rt, self.io, self.model, self.loop = Path(run_dir), rt, ckpt_io, raw_model, loop
+        self.plain, self.class_names, self.eval_spec = plain, class_names, eval_spec
+        self.top_k = int(tcfg.save_top_k)
+        self.last_good: Path | None = None
+
+    def state(self, epoch: int, step_in_epoch: int, running, st: _State, finished: bool, metrics: dict) -> dict:
+        """The checkpoint dict (see docs/ARCHITECTURE.md)."""
+        loop = self.loop
+        return {
+            "format": self.io.FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": loop.optimizer.state_dict(),
+            "scheduler": loop.scheduler.state_dict(),
+            "scaler": loop.scaler.state_dict() if loop.scaler.is_enabled() else None,
+            "ema": loop.ema.state_dict() if loop.ema is not None else None,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": loop.global_step,
+            "bad_steps": loop.bad_steps,
+            "rng": self.io.rng_state(),
+            "best": {"value": st.best_value, "epoch": st.best_epoch},
+            "running": running.state_dict() if running is not None else None,
+            "history": st.history,
+            "finished": finished,
+            "config": self.plain,
+            "class_names": self.class_names,
+            "eval_spec": self.eval_spec,
+            "metrics": metrics,
+        }
+
+    def save(self, ck: dict, *, best: bool = False, epoch: int | None = None, value: float | None = None) -> None:
+        """Write last.pt (and best.pt / top-k) atomically, never with non-finite weights."""
+        if not self.rt.is_main:
+            return
+        if not self.io.is_finite_state(ck["model"]):
+            raise Diverged(f"weights became non-finite; kept the last good checkpoint {self.last_good or 'none'}")
+        self.io.atomic_save(ck, self.run_dir / self.io.LAST)
+        self.last_good = self.run_dir / self.io.LAST
+        if best:
+            self.io.atomic_save(ck, self.run_dir / self.io.BEST)
+        if self.top_k and epoch is not None and value is not None:
+            self._top_k(ck, epoch, value)
+
+    def _top_k(self, ck: dict, epoch: int, value: float) -> None:
+        folder = self.run_dir / "topk"
+        folder.mkdir(exist_ok=True)
+        kept = sorted(((float(p.stem.split("_")[-1]), p) for p in folder.glob("epoch*_*.pt")), reverse=True)
+        score = value if self.plain["trainer"]["monitor"] == "val_acc" else -value
+        if len(kept) < self.top_k or score > kept[-1][0]:
+            self.io.atomic_save(ck, folder / f"epoch{epoch:03d}_{score:.6f}.pt")
+            for _, path in sorted(((float(p.stem.split("_")[-1]), p) for p in folder.glob("epoch*_*.pt")),
+                                  reverse=True)[self.top_k:]:
+                path.unlink()
+
+
+def _improved(monitor: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value > best if monitor == "val_acc" else value < best
+
+
+def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: _StopFlag, engine,
+                batches_per_epoch: int, table_header, table_row, class_names) -> float:
+    """The epoch loop: train, evaluate, log, checkpoint, stop early or on a signal."""
+    import itertools
+
+    import torch
+
+    tcfg, rt = cfg.trainer, loop.rt
+    monitor = getattr(tcfg.monitor, "value", str(tcfg.monitor))
+    epochs = int(tcfg.epochs)
+    ckpt_every = int(tcfg.checkpoint_every_n_steps)
+    patience = int(tcfg.early_stop_patience)
+    show_progress = _progress_enabled(tcfg.progress) and rt.is_main
+    if rt.is_main:
+        log.info("%s", table_header())
+        for row in st.history:
+            log.info("%s", table_row(row))
+    best_acc = max((r["val_acc"] for r in st.history), default=0.0)
+    t_run = time.perf_counter()
+    epoch = st.start_epoch
+    for epoch in range(st.start_epoch, epochs):
+        start = st.start_batch if epoch == st.start_epoch else 0
+        running = engine.Running.from_state(st.running if epoch == st.start_epoch else None, rt.device)
+        bundle.train.set_epoch(epoch)
+        batches = itertools.islice(bundle.train.iter_from(start), max(0, batches_per_epoch - start))
+        t0, n0 = time.perf_counter(), running.count
+        progress = _progress_bar(show_progress, batches_per_epoch, start, epoch, epochs)
+        window = {"t": time.perf_counter(), "n": running.count}
+
+        def on_step(done: int, run, loss) -> bool:
+            step = loop.global_step
+            if step % loop.log_every == 0:
+                now = time.perf_counter()
+                ips = (run.count - window["n"]) * rt.world_size / max(now - window["t"], 1e-9)
+                window.update(t=now, n=run.count)
+                values = {"train/loss": float(loss), "lr": loop.last_lr,
+                          "train/images_per_sec": ips}
+                tracker.scalars(values, step)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{values['train/loss']:.3f}", lr=f"{values['lr']:.2e}",
+                                         img_s=f"{ips:.0f}")
+                if rt.distributed and _any_rank(stopper.signal is not None, rt):
+                    stopper.signal = stopper.signal or "peer"
+            stop = stopper.signal is not None and not rt.distributed
+            stop = stop or (rt.distributed and stopper.signal is not None and step % loop.log_every == 0)
+            if stop or (ckpt_every and step % ckpt_every == 0 and done < batches_per_epoch):
+                saver.save(saver.state(epoch, done, run, st, False, {}))
+            return stop
+
+        try:
+            running = engine.train_one_epoch(loop, batches, epoch, start=start, running=running, on_step=on_step,
+                                              progress=progress)
+        except engine.NonFiniteLoss as exc:
+            raise Diverged(f"non-finite loss at epoch {exc.epoch}, step {exc.step}; last good checkpoint: "
+                           f"{saver.last_good or 'none'} (lower the learning rate, set trainer.grad_clip_norm, "
+                           f"or trainer.max_bad_steps=N to skip bad steps)") from exc
+        finally:
+            if progress is not None:
+                progress.close()
+        if stopper.signal is not None:
+            raise Preempted(f"received {stopper.signal}; saved {saver.run_dir / 'last.pt'}; rerun the same "
+                            f"command with trainer.resume=auto to continue (exit code {EXIT_PREEMPTED})")
+        if loop.interval == "epoch":
+            loop.scheduler.step()
+        train = running.summary()
+        seconds = time.perf_counter() - t0
+        val = engine.evaluate(loop.model, bundle.val.iter_from(0), rt, limit=int(tcfg.limit_val_batches),
+                              num_classes=len(class_names), collect=False)
+        row = {"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"], "val_loss": val["loss"],
+               "val_acc": val["acc"], "lr": loop.last_lr,
+               "img/s": (running.count - n0) * rt.world_size / max(seconds, 1e-9), "time_s": seconds}
+        if "top5" in val:
+            row["val_top5"] = val["top5"]
+        metrics = {"train/loss": train["loss"], "train/acc": train["acc"], "val/loss": val["loss"],
+                   "val/acc": val["acc"], "train/epoch_images_per_sec": row["img/s"]}
+        if "top5" in val:
+            metrics["val/top5"] = val["top5"]
+        if loop.ema is not None:
+            ema_val = engine.evaluate(loop.ema.module, bundle.val.iter_from(0), rt,
+                                      limit=int(tcfg.limit_val_batches), num_classes=len(class_names))
+            row["ema_val_acc"] = ema_val["acc"]
+            metrics.update({"val_ema/loss": ema_val["loss"], "val_ema/acc": ema_val["acc"]})
+        tracker.scalars(metrics, loop.global_step)
+        st.history.append(row)
+        best_acc = max(best_acc, val["acc"])
+        value = val["acc"] if monitor == "val_acc" else val["loss"]
+        improved = _improved(monitor, value, st.best_value)
+        if improved:
+            st.best_value, st.best_epoch = value, epoch + 1
+        if rt.is_main:
+            log.info("%s%s", table_row(row), "  *" if improved else "")
+        stale = len(st.history) - st.best_epoch if st.best_epoch > 0 else 0
+        early = bool(patience) and stale >= patience
+        finished = epoch + 1 == epochs or early
+        saver.save(saver.state(epoch + 1, 0, None, st, finished, row), best=improved, epoch=epoch + 1, value=value)
+        _write_metrics(tracker, st, row, finished, time.perf_counter() - t_run, monitor)
+        tracker.flush()
+        if early:
+            if rt.is_main:
+                log.info("early stop: %s did not improve for %d epochs", monitor, patience)
+            break
+    if rt.is_main and st.history:
+        _final_hparams(cfg, tracker, st)
+    return best_acc
+
+
+def _write_metrics(tracker, st: _State, row: dict, finished: bool, seconds: float, monitor: str) -> None:
+    best_row = next((r for r in st.history if r["epoch"] == st.best_epoch), row)
+    tracker.write_json("metrics.json", {
+        "best_val_acc": max(r["val_acc"] for r in st.history),
+        "best_epoch": st.best_epoch,
+        "monitor": monitor,
+        "best_val_loss": min(r["val_loss"] for r in st.history),
+        "best_monitored_row": best_row,
+        "final_val_acc": row["val_acc"],
+        "final_val_loss": row["val_loss"],
+        "epochs": len(st.history),
+        "finished": finished,
+        "seconds_this_session": round(seconds, 3),
+        "history": st.history,
+    })
+
+
+def _final_hparams(cfg, tracker, st: _State) -> None:
+    overrides: list[str] = []
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra (programmatic use)
+        pass
+    hp: dict[str, Any] = {"name": cfg.name}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        hp[key.lstrip("+~")] = value
+    last = st.history[-1]
+    tracker.hparams(hp, {"best_val_acc": max(r["val_acc"] for r in st.history), "final_val_acc": last["val_acc"],
+                         "final_val_loss": last["val_loss"], "epochs": float(len(st.history))})
+
+
+def _any_rank(flag: bool, rt) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _progress_enabled(setting: str) -> bool:
+    setting = str(setting).lower()
+    if setting == "auto":
+        return sys.stderr.isatty()
+    return setting in ("true", "1", "yes")
+
+
+def _progress_bar(enabled: bool, total: int, start: int, epoch: int, epochs: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+                dynamic_ncols=True)
+
+
+def _dry_run(raw_model, bundle, rt, steps_per_epoch: int, cfg) -> float:
+    """Print the plan (parameters, MACs, steps, device, precision, memory format) and stop."""
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    size = int(bundle.eval_spec.get("crop", 32))
+    try:
+        from resnet_cli.models import count_macs
+
+        macs = f"{count_macs(raw_model, size) / 1e9:.3f} GMACs at {size}px"
+    except Exception as exc:  # noqa: BLE001 - MACs are informative only
+        macs = f"MACs unavailable ({type(exc).__name__})"
+    lines = [f"model: {cfg.model.name}  parameters: {n_params:,}  {macs}",
+             f"data: {len(bundle.class_names)} classes, {bundle.train.num_samples} train / "
+             f"{bundle.val.num_samples} val samples, batch {bundle.train.batch_size}, {steps_per_epoch} steps/epoch",
+             rt.describe()]
+    for line in lines:
+        log.info("dry run: %s", line)
+    return 0.0
+
+
+if __name__ == "__main__":
+    main()
