@@ -1,0 +1,401 @@
+"""Class-folder image datasets (flower_photos, any ImageFolder tree): scan, check, split once, decode safely."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
+from torchvision.transforms import v2
+
+from resnet_cli.data.contract import DataBundle, mix_seed
+from resnet_cli.data.download import fetch_and_extract
+from resnet_cli.data.loader import BadImagePolicy, BadSample
+from resnet_cli.data.pipeline import ArraySplit, make_bundle
+from resnet_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_rgb
+from resnet_cli.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+Item = tuple[str, int]  # (path relative to the data folder, class index)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
+
+
+def decode(path: str | os.PathLike) -> Image.Image:
+    """Fully decode an image file into RGB (raises on unreadable, corrupt or truncated files)."""
+    with Image.open(path) as img:
+        img.load()  # decode now, inside the caller's error handling, not lazily in a transform
+        return to_rgb(img)
+
+
+class ImageFiles(Dataset):
+    """(path, label) items as a map-style dataset of (RGB PIL image, label); a bad file gives a BadSample."""
+
+    def __init__(self, root: Path, items: list[Item]) -> None:
+        self.root, self.items = Path(root), list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int] | BadSample:
+        rel, label = self.items[index]
+        path = self.root / rel
+        try:
+            return decode(path), label
+        except Exception as exc:  # noqa: BLE001  any decoder failure is a property of the file, reported by the main process
+            return BadSample(str(path), _reason(exc))
+
+
+@dataclass
+class Scan:
+    """What is in one set of class folders."""
+
+    classes: list[str]
+    files: dict[str, list[str]]  # class -> image paths relative to the data folder, sorted
+    empty: list[str] = field(default_factory=list)
+    non_images: list[str] = field(default_factory=list)
+
+
+def scan(folder: Path, rel_to: Path) -> Scan:
+    """Class folders under `folder`: images per class (torchvision's IMG_EXTENSIONS), empty classes, other files."""
+    try:
+        classes, _ = find_classes(str(folder))
+    except FileNotFoundError:
+        raise UserError(f"{folder} holds no class folders; put one folder of images per class there") from None
+    files: dict[str, list[str]] = {}
+    result = Scan(classes, files)
+    for name in classes:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(folder / name):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in filenames:
+                if fn.startswith("."):
+                    continue
+                rel = Path(dirpath, fn).relative_to(rel_to).as_posix()
+                (found if has_file_allowed_extension(fn, IMG_EXTENSIONS) else result.non_images).append(rel)
+        files[name] = sorted(found)
+        if not found:
+            result.empty.append(name)
+    return result
+
+
+def stratified_split(files: dict[str, list[str]], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Per class, a seeded shuffle then the first round(fraction * n) files (at least 1 when n >= 2) go to val."""
+    train, val = [], []
+    for name, paths in files.items():
+        # Seeded by the class name, not its position, so adding a class leaves the others' split alone.
+        rng = np.random.default_rng(mix_seed(seed, zlib.crc32(name.encode())))
+        order = rng.permutation(len(paths))
+        k = min(len(paths) - 1, max(1, round(val_fraction * len(paths)))) if len(paths) >= 2 and val_fraction > 0 else 0
+        val += [paths[i] for i in sorted(order[:k])]
+        train += [paths[i] for i in sorted(order[k:])]
+    return train, val
+
+
+def _write_json(path: Path, data: dict) -> bool:
+    # Atomic (temp file + replace) so a crash never leaves a half-written manifest.
+    try:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+        return True
+    except OSError as exc:
+        log.warning("cannot write %s (%s); the split is recomputed (identically) each run", path, exc)
+        return False
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+        return data if data.get("version") == MANIFEST_VERSION else None
+    except (OSError, ValueError):
+        return None
+
+
+def _header(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:  # reads the header only: cheap enough for every file at start-up
+        return img.size
+
+
+def channel_stats(root: Path, paths: list[str], size: int = 64) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std over the train images (decoded, RGB, shorter side `size`), in 0..1 units."""
+    tf = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.ToDtype(torch.float64, scale=True)])
+    total = torch.zeros(3, dtype=torch.float64)
+    sq, count = torch.zeros(3, dtype=torch.float64), 0
+    for rel in paths:
+        try:
+            x = tf(decode(root / rel)).flatten(1)
+        except Exception:  # noqa: BLE001  bad files were already reported by the scan / verify step
+            continue
+        total += x.sum(1)
+        sq += (x**2).sum(1)
+        count += x.shape[1]
+    if not count:
+        raise UserError(f"dataset.mean=auto: no readable train image under {root}")
+    mean = total / count
+    std = (sq / count - mean**2).clamp_min(1e-12).sqrt()
+    return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]
+
+
+def _sizes(root: Path, items: list[Item], policy: BadImagePolicy) -> tuple[list[Item], str]:
+    # Read every header: catches empty, non-image and unreadable files before training starts.
+    kept, sizes = [], []
+    for rel, label in items:
+        try:
+            sizes.append(_header(root / rel))
+            kept.append((rel, label))
+        except Exception as exc:  # noqa: BLE001  reported through the policy with the file name
+            policy(str(root / rel), _reason(exc))
+    if not sizes:
+        return kept, "no readable images"
+    w, h = np.array(sizes).T
+    lo, hi = f"{w.min()}x{h.min()}", f"{w.max()}x{h.max()}"
+    return kept, f"sizes {lo}" if lo == hi else f"sizes {lo}..{hi}"
+
+
+def _verify(root: Path, items: list[Item], policy: BadImagePolicy) -> list[Item]:
+    kept = []
+    for rel, label in items:
+        try:
+            decode(root / rel)
+            kept.append((rel, label))
+        except Exception as exc:  # noqa: BLE001
+            policy(str(root / rel), _reason(exc))
+    return kept
+
+
+def _cache(root: Path, items: list[Item], size: int, policy: BadImagePolicy) -> ArraySplit:
+    """Decode once into uint8 [N,3,size,size] (shorter side resized to `size`, centre crop) for the memory loader."""
+    tf = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+    images, labels = [], []
+    for rel, label in items:
+        try:
+            images.append(tf(decode(root / rel)))
+            labels.append(label)
+        except Exception as exc:  # noqa: BLE001
+            policy(str(root / rel), _reason(exc))
+    if not images:
+        return ArraySplit(torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.long))
+    return ArraySplit(torch.stack(images), torch.tensor(labels, dtype=torch.long))
+
+
+def _resolve_layout(root: Path) -> tuple[Path, Path | None]:
+    """(train folder, val folder or None when the set must be split)."""
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return root / "train", root / "val"
+    if (root / "train").is_dir():
+        return root / "train", None
+    return root, None
+
+
+def _per_class(classes: list[str], train: list[Item], val: list[Item]) -> str:
+    counts = [(np.bincount([c for _, c in s], minlength=len(classes))) for s in (train, val)]
+    parts = [f"{n} {counts[0][i]}/{counts[1][i]}" for i, n in enumerate(classes)]
+    shown = ", ".join(parts[:8]) + (f", ... ({len(parts) - 8} more)" if len(parts) > 8 else "")
+    return f"train/val per class: {shown}"
+
+
+def folder_bundle(
+    name: str,
+    root: Path,
+    *,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    **options: Any,
+) -> DataBundle:
+    """Scan, check, split (once, saved as a manifest) and wrap class folders under `root` as a DataBundle."""
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"dataset.val_fraction={val_fraction} must be in [0, 1)")
+    train_dir, val_dir = _resolve_layout(root)
+    tscan = scan(train_dir, root)
+    notes: list[str] = []
+    if val_dir is not None:
+        vscan = scan(val_dir, root)
+        if set(tscan.classes) != set(vscan.classes):
+            only_t = sorted(set(tscan.classes) - set(vscan.classes))
+            only_v = sorted(set(vscan.classes) - set(tscan.classes))
+            raise UserError(
+                f"{train_dir} and {val_dir} hold different classes (only in train: {only_t or 'none'}; "
+                f"only in val: {only_v or 'none'}); make the class folders match"
+            )
+        manifest_path = root / "manifest.json"
+    else:
+        vscan = None
+        manifest_path = root / f"split-val{val_fraction:g}-seed{split_seed}.json"
+    # A class with no images in train cannot be learned: drop it (and its val images) and say so.
+    classes = [c for c in tscan.classes if c not in tscan.empty]
+    if not classes:
+        raise UserError(f"{train_dir}: every class folder is empty; put images in {train_dir}/<class>/")
+    for c in tscan.empty:
+        log.warning("empty class folder %s dropped", train_dir / c)
+    if tscan.empty:
+        notes.append(f"empty class folders dropped: {', '.join(tscan.empty)}")
+    index = {c: i for i, c in enumerate(classes)}
+    manifest = _read_json(manifest_path) or {}
+    if vscan is None:
+        if manifest.get("train") is None:
+            train_files, val_files = stratified_split({c: tscan.files[c] for c in classes}, val_fraction, split_seed)
+            manifest = {"version": MANIFEST_VERSION, "val_fraction": val_fraction, "split_seed": split_seed,
+                        "classes": classes, "train": train_files, "val": val_files}
+            _write_json(manifest_path, manifest)
+        on_disk = {p for c in classes for p in tscan.files[c]}
+        listed = set(manifest["train"]) | set(manifest["val"])
+        if listed - on_disk:
+            notes.append(f"{len(listed - on_disk)} files of the split manifest are gone")
+        if on_disk - listed:
+            notes.append(f"{len(on_disk - listed)} new files not in {manifest_path.name} ignored (delete it to re-split)")
+        depth = len(train_dir.relative_to(root).parts)  # paths are "<class>/..." or "train/<class>/..."
+        label = lambda p: index.get(Path(p).parts[depth])  # noqa: E731
+        train_items = [(p, label(p)) for p in manifest["train"] if p in on_disk and label(p) is not None]
+        val_items = [(p, label(p)) for p in manifest["val"] if p in on_disk and label(p) is not None]
+    else:
+        train_items = [(p, index[c]) for c in classes for p in tscan.files[c]]
+        val_items = [(p, index[c]) for c in classes for p in vscan.files[c]]
+        if vscan.empty:
+            notes.append(f"empty val class folders: {', '.join(vscan.empty)}")
+    non_images = tscan.non_images + (vscan.non_images if vscan else [])
+    if non_images:
+        for p in non_images:
+            log.warning("ignoring non-image file %s", root / p)
+        notes.append(f"{len(non_images)} non-image files ignored")
+    return files_bundle(name, root, classes, train_items, val_items, manifest=manifest, manifest_path=manifest_path,
+                        notes=notes, **options)
+
+
+def files_bundle(
+    name: str,
+    root: Path,
+    classes: list[str],
+    train_items: list[Item],
+    val_items: list[Item],
+    *,
+    manifest: dict | None = None,
+    manifest_path: Path | None = None,
+    notes: list[str] | None = None,
+    on_bad_image: str = "error",
+    max_bad_images: int = 0,
+    verify_images: bool = False,
+    loader: str = "dataloader",
+    image_size: int = 224,
+    resize: int | None = None,
+    cache_size: int | None = None,
+    mean: Sequence[float] | str = IMAGENET_MEAN,
+    std: Sequence[float] | str = IMAGENET_STD,
+    device: Any = "cpu",
+    **options: Any,
+) -> DataBundle:
+    """Check the listed image files (headers, optionally full decodes), then build either loader over them."""
+    policy = BadImagePolicy(on_bad_image, max_bad_images)
+    notes, manifest = list(notes or []), manifest if manifest is not None else {}
+    train_items, sizes = _sizes(root, train_items, policy)
+    val_items, _ = _sizes(root, val_items, policy)
+    if verify_images:
+        train_items, val_items = _verify(root, train_items, policy), _verify(root, val_items, policy)
+    if not train_items:
+        raise UserError(f"{root}: no readable training images")
+    if not val_items:
+        raise UserError(f"{root}: the validation split is empty; add images or raise dataset.val_fraction")
+
+    if mean == "auto" or std == "auto":
+        if manifest.get("mean") is None:
+            manifest["mean"], manifest["std"] = channel_stats(root, [p for p, _ in train_items])
+            manifest.setdefault("version", MANIFEST_VERSION)
+            if manifest_path is not None:
+                _write_json(manifest_path, manifest)
+        mean = manifest["mean"] if mean == "auto" else mean
+        std = manifest["std"] if std == "auto" else std
+
+    resize = resize or round(image_size * 8 / 7)
+    options.setdefault("crop", "resized")
+    if loader == "memory":
+        # Cached once at a fixed resolution; the random crop then translates inside it.
+        cache_size = cache_size or resize
+        train_set, val_set = _cache(root, train_items, cache_size, policy), _cache(root, val_items, cache_size, policy)
+        options.setdefault("pad", 0)
+        where = f"memory loader, uint8 cache {cache_size}px {(train_set.images.numel() + val_set.images.numel()) / 2**20:.0f} MiB"
+    else:
+        train_set, val_set = ImageFiles(root, train_items), ImageFiles(root, val_items)
+        where = "dataloader"
+    if policy.skipped:
+        notes.append(f"{len(policy.skipped)} bad images skipped")
+    summary = (f"{name}: {len(classes)} classes, train {len(train_items)} / val {len(val_items)} images, {sizes}, "
+               f"{where}; {_per_class(classes, train_items, val_items)}" + "".join(f"; {n}" for n in notes))
+    return make_bundle(classes, train_set, val_set, loader=loader, device=device, image_size=image_size,
+                       resize=resize, mean=mean, std=std, bad_policy=policy, summary=summary, **options)
+
+
+def imagefolder(*, root: str | None = None, **options: Any) -> DataBundle:
+    """Your own images: `root` holds train/ and val/ class folders, or one set of class folders to split."""
+    if not root:
+        raise UserError("dataset.root is not set; run with dataset=imagefolder dataset.root=PATH (PATH/<class>/*.jpg)")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise UserError(
+            f"dataset.root={root}: no such folder; point it at a folder holding train/ and val/ class folders "
+            f"or one folder per class"
+        )
+    return folder_bundle("imagefolder", path, **options)
+
+
+def flowers(
+    *,
+    root: str = "data/flowers",
+    url: str = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz",
+    sha256: str | None = None,
+    download: bool = True,
+    **options: Any,
+) -> DataBundle:
+    """TensorFlow's flower_photos (5 classes, 3,670 JPEGs), downloaded with a checksum and split once."""
+    folder = fetch_and_extract(url, root, "flower_photos", sha256=sha256, download=download)
+    return folder_bundle("flowers", folder, **options)
+
+
+def flowers102(
+    *,
+    root: str = "data/flowers102",
+    url_prefix: str = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/",
+    download: bool = True,
+    val_split: str = "val",
+    **options: Any,
+) -> DataBundle:
+    """Oxford 102 Flowers with its official splits (train 1,020; val 1,020; test 6,149), read by torchvision.
+
+    The three files are fetched by our atomic, md5-checked download (torchvision's own md5 list)
+    and extracted with our path filter; torchvision's Flowers102 then reads the labels and splits.
+    """
+    from torchvision.datasets import Flowers102
+
+    from resnet_cli.data.download import fetch
+
+    if val_split not in ("val", "test"):
+        raise UserError(f"dataset.val_split: unknown value '{val_split}'; use val or test")
+    base = Path(root) / "flowers-102"
+    for key, (filename, md5) in Flowers102._file_dict.items():
+        if key == "image":
+            fetch_and_extract(url_prefix + filename, base, "jpg", md5=md5, download=download)
+        else:
+            fetch(url_prefix + filename, base / filename, md5=md5, download=download)
+    try:
+        import scipy.io  # noqa: F401  (torchvision reads the .mat label files with it)
+    except ImportError:
+        raise UserError("dataset=flowers102 needs scipy to read its .mat label files: pip install scipy") from None
+    splits = {s: Flowers102(str(root), split=s, download=False) for s in ("train", val_split)}
+    items = {s: [(Path(f).relative_to(base).as_posix(), int(y)) for f, y in zip(ds._image_files, ds._labels)]
+             for s, ds in splits.items()}
+    classes = list(getattr(splits["train"], "classes", [f"class_{i:03d}" for i in range(102)]))
+    return files_bundle("flowers102", base, classes, items["train"], items[val_split],
+                        manifest_path=base / "manifest.json", **options)

@@ -1,0 +1,183 @@
+"""DataLoader path: per-image torchvision transforms in worker processes, seeded per sample so any worker count gives the same batches."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator, NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from resnet_cli.data.contract import Batch, epoch_order, mix_seed, num_batches, sample_seeds, shard
+from resnet_cli.data.transforms import BatchMixer
+from resnet_cli.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class BadSample(NamedTuple):
+    """Marker a dataset returns instead of raising, so no worker dies on a bad image."""
+
+    path: str
+    reason: str
+
+
+class BadImagePolicy:
+    """What to do when an image cannot be read: 'error' stops at once, 'skip' counts up to a budget."""
+
+    def __init__(self, on_bad_image: str = "error", max_bad_images: int = 0) -> None:
+        if on_bad_image not in ("error", "skip"):
+            raise UserError(f"dataset.on_bad_image: unknown value '{on_bad_image}'; use error or skip")
+        self.mode, self.budget = on_bad_image, max_bad_images
+        self.skipped: dict[str, str] = {}
+
+    def __call__(self, path: str, reason: str) -> None:
+        """Record one bad file: raise (error mode, or budget spent) or log it once and count it."""
+        if self.mode == "error":
+            raise UserError(f"bad image {path}: {reason} (fix or delete it, or set dataset.on_bad_image=skip)")
+        if path in self.skipped:
+            return
+        self.skipped[path] = reason
+        log.warning("skipping bad image %s: %s", path, reason)
+        if len(self.skipped) > self.budget:
+            raise UserError(
+                f"{len(self.skipped)} bad images exceed dataset.max_bad_images={self.budget} "
+                f"(last: {path}: {reason}); fix the data or raise the budget"
+            )
+
+
+class SeededDataset(Dataset):
+    """Wraps a (image, label) dataset: item (index, seed) -> transform(image) drawn from that seed alone.
+
+    The base dataset decodes fully inside its __getitem__ and returns a BadSample
+    instead of raising, so decoding errors never escape a worker.
+    """
+
+    def __init__(self, base: Any, transform: Callable) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | BadSample:
+        index, seed = key
+        item = self.base[index]
+        if isinstance(item, BadSample):
+            return item
+        image, label = item
+        # v2 transforms draw from the global CPU generator: fork it, seed it from the
+        # sample alone, and the draw no longer depends on which worker ran it or when.
+        threads = torch.get_num_threads()
+        try:
+            # One image is too small to split across threads; with num_workers=0 on a busy machine
+            # the intra-op thread handshake alone costs milliseconds per op (workers already use 1).
+            torch.set_num_threads(1)
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds every accelerator
+                return self.transform(image), label
+        finally:
+            torch.set_num_threads(threads)
+
+
+class EpochBatchSampler(Sampler):
+    """Batches of (index, sample_seed) for this rank: order from (seed, epoch), entered at any batch."""
+
+    def __init__(self, num: int, batch_size: int, *, shuffle: bool, seed: int, rank: int, world_size: int, drop_last: bool) -> None:
+        self.num, self.batch_size, self.shuffle, self.seed = num, batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch, self.start = 0, 0
+        self.num_samples = len(shard(torch.arange(num), rank, world_size, equal=shuffle))
+
+    def total(self) -> int:
+        """Batches in a whole epoch."""
+        return num_batches(self.num_samples, self.batch_size, self.drop_last)
+
+    def __len__(self) -> int:
+        return max(0, self.total() - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = shard(epoch_order(self.num, self.shuffle, self.seed, self.epoch), self.rank, self.world_size, equal=self.shuffle)
+        order = order.numpy()
+        seeds = sample_seeds(mix_seed(self.seed, self.epoch), order)
+        for b in range(self.start, self.total()):
+            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            yield list(zip(order[sl].tolist(), seeds[sl].tolist()))
+
+
+def collate_good(samples: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list[BadSample]]:
+    """Collate the good samples and pass the bad markers through, so the main process decides."""
+    bad = [s for s in samples if isinstance(s, BadSample)]
+    good = [s for s in samples if not isinstance(s, BadSample)]
+    if not good:
+        return None, None, bad
+    images, targets = default_collate(good)
+    return images, targets, bad
+
+
+class LoaderSource:
+    """A BatchSource over a torch DataLoader with deterministic, resumable, rank-sharded order."""
+
+    def __init__(
+        self,
+        dataset: Any,
+        transform: Callable,
+        *,
+        batch_size: int,
+        train: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        mixer: BatchMixer | None = None,
+        bad_policy: BadImagePolicy | None = None,
+    ) -> None:
+        self.dataset = SeededDataset(dataset, transform)
+        self.sampler = EpochBatchSampler(
+            len(dataset), batch_size, shuffle=train, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last and train
+        )
+        self.batch_size, self.num_samples, self.seed, self.rank = batch_size, self.sampler.num_samples, seed, rank
+        self.mixer = mixer if train else None
+        self.bad_policy = bad_policy or BadImagePolicy()
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self._loader: DataLoader | None = None
+
+    def __len__(self) -> int:
+        return self.sampler.total()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle from (seed, epoch)."""
+        self.sampler.epoch = epoch
+
+    def _make_loader(self) -> DataLoader:
+        # Built once: persistent workers re-read the sampler's epoch/start at every iter().
+        return DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_good,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            # Without its own generator a DataLoader draws its base seed from the global RNG,
+            # which would shift the training RNG stream and break exact resume.
+            generator=torch.Generator().manual_seed(mix_seed(self.seed, self.rank, 0xD1)),
+        )
+
+    def iter_from(self, start: int = 0) -> Iterator[Batch]:
+        """Batches start..len-1 of the current epoch; bad images are reported here, in the main process."""
+        if self._loader is None:
+            self._loader = self._make_loader()
+        self.sampler.start = start
+        for b, (images, targets, bad) in enumerate(self._loader, start):
+            for sample in bad:
+                self.bad_policy(sample.path, sample.reason)
+            if images is None:
+                continue
+            if self.mixer is not None:
+                images, targets = self.mixer(images, targets, mix_seed(self.seed, self.sampler.epoch, self.rank, b))
+            yield images, targets
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.iter_from(0)
+
