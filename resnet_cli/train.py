@@ -52,6 +52,10 @@ def hydra_main(cfg: DictConfig) -> float:
             raise  # in a sweep, Hydra records the failed job and the others go on
         # A single run: report here, before Hydra adds its own "Error executing job" line.
         _report(exc)
+    except Preempted as exc:
+        if hc.mode != RunMode.RUN:
+            raise
+        _preempted(exc)
 
 
 def main() -> None:
@@ -62,10 +66,15 @@ def main() -> None:
     try:
         hydra_main()
     except Preempted as exc:
-        print(f"resnet-train: {exc}", file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
+        _preempted(exc)
     except (UserError, HydraException, OmegaConfBaseException) as exc:
         _report(exc)
+
+
+def _preempted(exc: Preempted) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 saved the checkpoint; it alone says where
+        print(f"resnet-train: {exc}", file=sys.stderr)
+    sys.exit(EXIT_PREEMPTED)
 
 
 def _report(exc: BaseException) -> None:
@@ -110,6 +119,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         raw_model = instantiate(cfg.model)(num_classes=len(class_names))
         raw_model = raw_model.to(rt.device, memory_format=rt.memory_format)
         if rt.distributed and tcfg.sync_batchnorm:
+            if rt.device.type != "cuda":
+                raise UserError("trainer.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm has no "
+                                "CPU/Gloo kernel); set it to false on CPU")
             raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
         model = raw_model
         if rt.distributed:
@@ -125,7 +137,10 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         interval = sched_cfg.pop("interval", "epoch")
         accum = max(1, int(tcfg.grad_accum_steps))
         batches_per_epoch = _limit(len(bundle.train), tcfg.limit_train_batches)
-        steps_per_epoch = max(1, batches_per_epoch // accum)
+        steps_per_epoch = batches_per_epoch // accum
+        if steps_per_epoch < 1:
+            raise UserError(f"trainer.grad_accum_steps={accum} is more than the {batches_per_epoch} batches per epoch")
+        batches_per_epoch = steps_per_epoch * accum  # an incomplete last window would be dropped anyway
         scheduler = optim.build_scheduler(instantiate(sched_cfg), optimizer, interval=interval,
                                           steps_per_epoch=steps_per_epoch, epochs=int(tcfg.epochs),
                                           warmup_epochs=float(tcfg.warmup_epochs))
@@ -148,19 +163,38 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         state = _State(best_value=None, best_epoch=-1, history=[], start_epoch=0, start_batch=0, running=None)
         if resume_from is not None:
             state = _restore(resume_from, raw_model, loop, state, ckpt_io, rt)
-        tracker = Tracker(run_dir, rt.is_main, purge_step=loop.global_step if resume_from else None)
+            # A restored OneCycleLR keeps its own length and cannot step past it: say so now, not mid-run.
+            span = getattr(loop.scheduler, "total_steps", None)
+            if span is not None and span < int(tcfg.epochs) * steps_per_epoch:
+                raise UserError(f"trainer.resume={resume_from}: its {type(loop.scheduler).__name__} spans {span} "
+                                f"steps, fewer than trainer.epochs={tcfg.epochs} x {steps_per_epoch} steps; resume "
+                                f"with the run's own trainer.epochs and batch size")
+        # Events a killed run wrote after its checkpoint (steps > global_step) are dropped, so the
+        # step axis continues without duplicate points; those up to the checkpoint are kept.
+        tracker = Tracker(run_dir, rt.is_main, purge_step=loop.global_step + 1 if resume_from else None)
         if rt.is_main:
             (run_dir / "class_names.json").write_text(_json(class_names))
         saver = _Saver(run_dir, rt, ckpt_io, raw_model, loop, plain, class_names, bundle.eval_spec, tcfg)
+        saver.last_good = resume_from
         stopper = _StopFlag()
+        if rt.is_main and resume_from is None:
+            from resnet_cli.reports import log_augmented_batch
+
+            log_augmented_batch(tracker, bundle)  # once: what the augmentation does to the inputs
         if tcfg.log_graph and rt.is_main and resume_from is None:
             images, _ = engine.to_device(next(iter(bundle.val.iter_from(0))), rt)
             tracker.graph(raw_model, images[:1])
 
-        best = _run_epochs(cfg, loop, bundle, state, tracker, saver, stopper, engine, batches_per_epoch,
-                           table_header, table_row, class_names)
-        tracker.close()
-        return best
+        try:
+            best = _run_epochs(cfg, loop, bundle, state, tracker, saver, stopper, engine, batches_per_epoch,
+                               table_header, table_row, class_names)
+            if rt.is_main:
+                log.info("done: best val acc %.4f (epoch %d); run folder %s; view with: tensorboard --logdir %s",
+                         best, state.best_epoch, run_dir.resolve(), cfg.output_root)
+            return best
+        finally:
+            stopper.close()
+            tracker.close()  # also on preemption/divergence: the events up to the checkpoint reach the disk
     finally:
         runtime.teardown(rt)
 
@@ -230,8 +264,13 @@ def _broadcast(value: Any, rt) -> Any:
 def _restore(path: Path, raw_model, loop, state: _State, ckpt_io, rt) -> _State:
     """Load a checkpoint into the model, optimizer, scheduler, scaler, EMA and RNGs."""
     ck = ckpt_io.load(path, map_location=rt.device)
-    raw_model.load_state_dict(ck["model"])
-    loop.optimizer.load_state_dict(ck["optimizer"])
+    try:
+        raw_model.load_state_dict(ck["model"])
+        loop.optimizer.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        made_by = ck.get("config", {}).get("model", {}).get("name", "another model")
+        raise UserError(f"trainer.resume={path}: it was made by {made_by} with other settings and does not fit "
+                        f"this model/optimizer ({str(exc).strip().splitlines()[0][:160]})") from exc
     loop.scheduler.load_state_dict(ck["scheduler"])
     if ck.get("scaler"):
         loop.scaler.load_state_dict(ck["scaler"])
@@ -253,13 +292,20 @@ class _StopFlag:
 
     def __init__(self):
         self.signal: str | None = None
+        self._previous: dict = {}
         for name in _STOP_SIGNALS:
             sig = getattr(signal, name, None)
             if sig is not None:
                 try:
-                    signal.signal(sig, self._handle)
+                    self._previous[sig] = signal.signal(sig, self._handle)
                 except ValueError:  # not the main thread (e.g. some launchers): no handler
                     pass
+
+    def close(self) -> None:
+        """Give the signals back to their previous handlers (in-process callers keep their Ctrl-C)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None and signal.Signals(signum).name == "SIGINT":
@@ -345,6 +391,9 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
     ckpt_every = int(tcfg.checkpoint_every_n_steps)
     patience = int(tcfg.early_stop_patience)
     show_progress = _progress_enabled(tcfg.progress) and rt.is_main
+    from resnet_cli import reports
+
+    grad_norm = reports.GradNormProbe(loop, loop.log_every) if rt.is_main else None
     if rt.is_main:
         log.info("%s", table_header())
         for row in st.history:
@@ -364,11 +413,15 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
         def on_step(done: int, run, loss) -> bool:
             step = loop.global_step
             if step % loop.log_every == 0:
+                loop.check_finite()  # this step syncs anyway: a bad loss is never logged as a point
                 now = time.perf_counter()
                 ips = (run.count - window["n"]) * rt.world_size / max(now - window["t"], 1e-9)
                 window.update(t=now, n=run.count)
                 values = {"train/loss": float(loss), "lr": loop.last_lr,
                           "train/images_per_sec": ips}
+                norm = grad_norm.pop() if grad_norm is not None else None
+                if norm is not None:
+                    values["train/grad_norm"] = norm
                 tracker.scalars(values, step)
                 if progress is not None:
                     progress.set_postfix(loss=f"{values['train/loss']:.3f}", lr=f"{values['lr']:.2e}",
@@ -378,7 +431,12 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
             stop = stopper.signal is not None and not rt.distributed
             stop = stop or (rt.distributed and stopper.signal is not None and step % loop.log_every == 0)
             if stop or (ckpt_every and step % ckpt_every == 0 and done < batches_per_epoch):
+                loop.check_finite()  # name the bad step rather than refuse its weights
                 saver.save(saver.state(epoch, done, run, st, False, {}))
+                if rt.is_main:
+                    # One line per mid-epoch checkpoint: tests and job scripts can follow progress.
+                    log.info("checkpoint: epoch %d step %d (global step %d) -> %s", epoch + 1, done, step,
+                             saver.run_dir / saver.io.LAST)
             return stop
 
         try:
@@ -399,13 +457,14 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
         train = running.summary()
         seconds = time.perf_counter() - t0
         val = engine.evaluate(loop.model, bundle.val.iter_from(0), rt, limit=int(tcfg.limit_val_batches),
-                              num_classes=len(class_names), collect=False)
+                              num_classes=len(class_names), collect=rt.is_main)
         row = {"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"], "val_loss": val["loss"],
                "val_acc": val["acc"], "lr": loop.last_lr,
                "img/s": (running.count - n0) * rt.world_size / max(seconds, 1e-9), "time_s": seconds}
         if "top5" in val:
             row["val_top5"] = val["top5"]
-        metrics = {"train/loss": train["loss"], "train/acc": train["acc"], "val/loss": val["loss"],
+        # The epoch mean has its own tag: under train/loss it would be a second point at a logged step.
+        metrics = {"train/epoch_loss": train["loss"], "train/acc": train["acc"], "val/loss": val["loss"],
                    "val/acc": val["acc"], "train/epoch_images_per_sec": row["img/s"]}
         if "top5" in val:
             metrics["val/top5"] = val["top5"]
@@ -421,6 +480,8 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
         improved = _improved(monitor, value, st.best_value)
         if improved:
             st.best_value, st.best_epoch = value, epoch + 1
+            if rt.is_main:  # confusion matrix, per-class accuracy, most confident mistakes at the best epoch
+                reports.log_evaluation(tracker, val, class_names, bundle.eval_spec, loop.global_step)
         if rt.is_main:
             log.info("%s%s", table_row(row), "  *" if improved else "")
         stale = len(st.history) - st.best_epoch if st.best_epoch > 0 else 0
@@ -429,6 +490,11 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
         saver.save(saver.state(epoch + 1, 0, None, st, finished, row), best=improved, epoch=epoch + 1, value=value)
         _write_metrics(tracker, st, row, finished, time.perf_counter() - t_run, monitor)
         tracker.flush()
+        if not finished and (_any_rank(stopper.signal is not None, rt) if rt.distributed else stopper.signal):
+            # The signal came during evaluation: last.pt already holds this whole epoch.
+            stopper.signal = stopper.signal or "peer"
+            raise Preempted(f"received {stopper.signal}; saved {saver.run_dir / 'last.pt'}; rerun the same "
+                            f"command with trainer.resume=auto to continue (exit code {EXIT_PREEMPTED})")
         if early:
             if rt.is_main:
                 log.info("early stop: %s did not improve for %d epochs", monitor, patience)
