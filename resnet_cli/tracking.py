@@ -41,6 +41,19 @@ def table_row(row: dict) -> str:
                      for name, width, fmt in _COLUMNS)
 
 
+def _hparam_value(value: Any) -> Any:
+    """An override's text as the number or bool it means, so the HParams table sorts and filters it."""
+    if isinstance(value, (bool, int, float)):
+        return value
+    text = str(value)
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 class Tracker:
     """TensorBoard writer and run-folder files; a no-op on ranks other than 0."""
 
@@ -78,11 +91,32 @@ class Tracker:
             self.writer.add_graph(model, example)
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        """Log the run's hyperparameters and final metrics to the HParams tab."""
+        """Log the run's hyperparameters and final metrics to the HParams tab.
+
+        Written into the run's own folder, so `tensorboard --logdir <sweep folder>`
+        shows every job of a sweep as one row of the same table. The experiment
+        record lists the keys without value domains: TensorBoard reads it from one
+        run only, and SummaryWriter.add_hparams would pin each string key to that
+        run's single value, hiding the other jobs' rows behind its filter.
+        """
         if self.writer is None:
             return
-        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-        self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+        from tensorboard.plugins.hparams import summary_v2 as hp
+        from tensorboard.compat.proto import summary_pb2
+
+        clean = {k: _hparam_value(v) for k, v in hparams.items()}
+        tags = {f"hparam/{k}": float(v) for k, v in metrics.items()}
+        for tag, value in tags.items():
+            self.writer.add_scalar(tag, value, 0)
+        fw = self.writer.file_writer
+        fw.add_summary(hp.hparams_config_pb([hp.HParam(k) for k in clean], [hp.Metric(t) for t in tags]))
+        fw.add_summary(hp.hparams_pb(clean))
+        end = plugin_data_pb2.HParamsPluginData(
+            session_end_info=plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS))
+        fw.add_summary(summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+            tag=metadata.SESSION_END_INFO_TAG, metadata=metadata.create_summary_metadata(end),
+            tensor=metadata.NULL_TENSOR)]))
 
     def write_json(self, name: str, data: Any) -> None:
         """Write a JSON file into the run folder (rank 0 only)."""

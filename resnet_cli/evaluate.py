@@ -1,0 +1,164 @@
+"""`resnet-eval`: measure a checkpoint on a dataset split: accuracy, per-class accuracy, confusion matrix.
+
+    resnet-eval outputs/2026-01-01/12-00-00 --split val --json eval.json
+    resnet-eval best.pt dataset.root=/data/cifar10          # dataset keys as in resnet-train
+
+The dataset, precision and memory format come from the checkpoint's own config, so
+the number printed for `val` is the one training measured for that checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from resnet_cli.errors import UserError, one_line
+
+SPLITS = ("val", "train")
+# Evaluating the train split means measuring it, not training on it: no augmentation or mixing.
+_PLAIN_TRAIN = {"augment": "none", "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "drop_last": False}
+
+
+def _dataset_config(ckpt: dict, overrides: Sequence[str], split: str) -> dict:
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.create({"dataset": ckpt["config"]["dataset"]})
+    for item in overrides:
+        key, eq, _ = item.partition("=")
+        if not eq or not key.startswith("dataset."):
+            raise UserError(f"override '{item}': resnet-eval takes dataset.KEY=VALUE overrides only")
+        if key.split(".")[1] not in base.dataset:
+            raise UserError(f"override '{item}': the checkpoint's dataset config has no key '{key}'")
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+    except Exception as exc:  # noqa: BLE001 - OmegaConf's grammar errors: report the bad override
+        raise UserError(f"bad override: {one_line(exc)}") from exc
+    cfg = OmegaConf.to_container(merged.dataset, resolve=True)
+    if split == "train":
+        cfg.update({k: v for k, v in _PLAIN_TRAIN.items() if k in cfg})
+    return cfg
+
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", overrides: Sequence[str] = (),
+                        device: str | None = None, limit: int = 0) -> tuple[dict, dict]:
+    """Run the checkpoint over a split; returns (report dict, raw engine.evaluate output)."""
+    from hydra.utils import instantiate
+
+    from resnet_cli import engine, reports, runtime
+    from resnet_cli.predict import load_model, resolve_checkpoint
+
+    if split not in SPLITS:
+        raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
+    path = resolve_checkpoint(checkpoint)
+    model, ckpt = load_model(path, "cpu")
+    tcfg = ckpt["config"].get("trainer", {})
+    dev = runtime.resolve_device(device or str(tcfg.get("device", "auto")))
+    precision = runtime.resolve_precision(str(tcfg.get("precision", "auto")), dev)
+    channels_last = runtime.resolve_channels_last(str(tcfg.get("channels_last", "auto")), dev, precision)
+    rt = runtime.Runtime(dev, precision, channels_last)
+    model = model.to(dev, memory_format=rt.memory_format)
+    seed = int(tcfg.get("seed", 0))
+    bundle = instantiate(_dataset_config(ckpt, overrides, split))(device=dev, seed=seed, rank=0, world_size=1)
+    if list(bundle.class_names) != list(ckpt["class_names"]):
+        raise UserError(f"{path}: the dataset's classes {bundle.class_names[:5]}... differ from the checkpoint's "
+                        f"{ckpt['class_names'][:5]}...")
+    source = bundle.val if split == "val" else bundle.train
+    names = list(ckpt["class_names"])
+    out = engine.evaluate(model, source.iter_from(0), rt, limit=limit, num_classes=len(names), collect=True)
+    cm = reports.confusion_matrix(out["pred"], out["target"], len(names))
+    per_class = reports.per_class_accuracy(cm)
+    report = {
+        "checkpoint": str(path),
+        "split": split,
+        "samples": int(cm.sum()),
+        "accuracy": out["acc"],
+        "loss": out["loss"],
+        **({"top5": out["top5"]} if "top5" in out else {}),
+        "per_class_accuracy": dict(zip(names, per_class)),
+        "class_names": names,
+        "confusion_matrix": cm.tolist(),
+        "precision": precision,
+        "device": str(dev),
+        "eval_spec": ckpt["eval_spec"],
+    }
+    return report, out
+
+
+def format_report(report: dict) -> str:
+    """The report as terminal text: headline numbers, per-class table, confusion matrix."""
+    import torch
+
+    from resnet_cli import reports
+
+    names = report["class_names"]
+    cm = torch.tensor(report["confusion_matrix"])
+    lines = [f"{report['checkpoint']}  split={report['split']}  samples={report['samples']}",
+             f"accuracy {report['accuracy']:.4f}  loss {report['loss']:.4f}"
+             + (f"  top5 {report['top5']:.4f}" if "top5" in report else ""), "",
+             reports.accuracy_table(cm, names), "", "confusion matrix (rows true, columns predicted):"]
+    width = max(4, len(str(int(cm.max()))) + 1)
+    lines.append("    " + "".join(str(j).rjust(width) for j in range(len(names))))
+    for i, row in enumerate(cm.tolist()):
+        lines.append(str(i).rjust(3) + " " + "".join(str(v).rjust(width) for v in row) + f"  {names[i]}")
+    return "\n".join(lines)
+
+
+def write_tensorboard(report: dict, out: dict, logdir: Path) -> None:
+    """Scalars, confusion matrix, per-class accuracy and misclassified grid under `logdir`."""
+    from resnet_cli import reports
+    from resnet_cli.tracking import Tracker
+
+    tracker = Tracker(logdir, True)
+    split = report["split"]
+    scalars = {f"eval_{split}/acc": report["accuracy"], f"eval_{split}/loss": report["loss"]}
+    if "top5" in report:
+        scalars[f"eval_{split}/top5"] = report["top5"]
+    tracker.scalars(scalars, 0)
+    reports.log_evaluation(tracker, out, report["class_names"], report["eval_spec"], 0, prefix=f"eval_{split}")
+    tracker.close()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line of resnet-eval."""
+    ap = argparse.ArgumentParser(prog="resnet-eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt, else last.pt)")
+    ap.add_argument("overrides", nargs="*", help="dataset.KEY=VALUE changes to the checkpoint's dataset config")
+    ap.add_argument("--split", default="val", choices=SPLITS)
+    ap.add_argument("--json", metavar="FILE", help="also write the report as JSON ('-' for stdout)")
+    ap.add_argument("--logdir", help="TensorBoard folder (default: <checkpoint folder>/eval_<split>)")
+    ap.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard events")
+    ap.add_argument("--device", help="default: the checkpoint's trainer.device")
+    ap.add_argument("--limit-batches", type=int, default=0, help="evaluate only this many batches (0 = all)")
+    return ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate as the parsed command line asks; prints the report and writes the files."""
+    report, out = evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.device, args.limit_batches)
+    if args.json != "-":
+        print(format_report(report))
+    if args.json:
+        text = json.dumps(report, indent=2) + "\n"
+        sys.stdout.write(text) if args.json == "-" else Path(args.json).write_text(text)
+    if not args.no_tensorboard:
+        path = Path(report["checkpoint"])
+        logdir = Path(args.logdir) if args.logdir else path.parent / f"eval_{args.split}"
+        write_tensorboard(report, out, logdir)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: user errors print one line and exit with status 2."""
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as exc:
+        print(f"resnet-eval: error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Pictures and tables of a model's behaviour: image grids, confusion matrices, per-class accuracy.
+
+Images are returned as float CHW tensors in [0, 1], the form TensorBoard's
+`add_image` takes. Text is drawn with PIL's built-in font so no plotting library
+is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import make_grid
+
+_TILE = 64  # pixels per thumbnail side in the misclassified grid (small images are scaled up)
+_CELL = 26  # pixels per confusion-matrix cell
+
+
+def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Undo the dataset's Normalize: float NCHW in [0, 1] for display."""
+    images = images.detach().float().cpu()
+    m = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+    return (images * s + m).clamp(0.0, 1.0)
+
+
+def image_grid(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], nrow: int = 8) -> torch.Tensor:
+    """A grid (CHW, [0, 1]) of normalized images as the network sees them, e.g. after augmentation."""
+    return make_grid(denormalize(images, mean, std), nrow=nrow, padding=2, pad_value=1.0)
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts [true, predicted] (int64, num_classes x num_classes)."""
+    flat = target.long().cpu() * num_classes + pred.long().cpu()
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def per_class_accuracy(cm: torch.Tensor) -> list[float]:
+    """Recall of each class from a confusion matrix (0.0 for a class with no samples)."""
+    totals = cm.sum(1).clamp(min=1)
+    return (cm.diagonal().double() / totals).tolist()
+
+
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
+    left, _, right, _ = draw.textbbox((0, 0), text, font=font)
+    return right - left
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    return TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
+
+
+def confusion_image(cm: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
+    """The confusion matrix as a picture: rows true, columns predicted, shaded by row share, counts written in."""
+    n = cm.shape[0]
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = [f"{i} {name}" for i, name in enumerate(class_names)]
+    left = max(_text_width(probe, s, font) for s in labels) + 10
+    top = 34
+    img = Image.new("RGB", (left + n * _CELL + 4, top + n * _CELL + 4), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 2), "predicted ->", fill="black", font=font)
+    draw.text((2, 2), "true", fill="black", font=font)
+    share = cm.double() / cm.sum(1, keepdim=True).clamp(min=1)
+    for j in range(n):  # column indices (the names are on the rows)
+        draw.text((left + j * _CELL + 8, top - 14), str(j), fill="black", font=font)
+    for i in range(n):
+        draw.text((4, top + i * _CELL + 7), labels[i], fill="black", font=font)
+        for j in range(n):
+            v = float(share[i, j])
+            # White -> blue for the share of the row; the diagonal in green so mistakes stand out.
+            shade = int(255 * (1 - v))
+            colour = (shade, 255 - int(95 * v), shade) if i == j else (shade, shade, 255)
+            x0, y0 = left + j * _CELL, top + i * _CELL
+            draw.rectangle([x0, y0, x0 + _CELL - 1, y0 + _CELL - 1], fill=colour, outline=(200, 200, 200))
+            count = int(cm[i, j])
+            if count:
+                draw.text((x0 + 3, y0 + 7), str(count), fill="white" if v > 0.6 else "black", font=font)
+    return _to_tensor(img)
+
+
+def labelled_grid(images: torch.Tensor, captions: Sequence[Sequence[str]], nrow: int = 4) -> torch.Tensor:
+    """Thumbnails (float NCHW in [0, 1]) with lines of text under each, as one CHW image."""
+    font = _font()
+    lines = max((len(c) for c in captions), default=1)
+    cap_h = 12 * lines + 4
+    tiles = []
+    for img, caption in zip(images, captions):
+        thumb = TF.resize(img, [_TILE, _TILE], interpolation=TF.InterpolationMode.NEAREST)
+        pil = TF.to_pil_image(thumb)
+        width = max([_TILE] + [_text_width(ImageDraw.Draw(pil), t, font) + 4 for t in caption])
+        tile = Image.new("RGB", (width, _TILE + cap_h), "white")
+        tile.paste(pil, ((width - _TILE) // 2, 0))
+        draw = ImageDraw.Draw(tile)
+        for k, text in enumerate(caption):
+            draw.text((2, _TILE + 2 + 12 * k), text, fill="black", font=font)
+        tiles.append(tile)
+    if not tiles:
+        return torch.ones(3, _TILE, _TILE)
+    w, h = max(t.width for t in tiles), max(t.height for t in tiles)
+    batch = torch.stack([_to_tensor(_pad_to(t, w, h)) for t in tiles])
+    return make_grid(batch, nrow=nrow, padding=2, pad_value=0.5)
+
+
+def _pad_to(tile: Image.Image, w: int, h: int) -> Image.Image:
+    if tile.size == (w, h):
+        return tile
+    canvas = Image.new("RGB", (w, h), "white")
+    canvas.paste(tile, (0, 0))
+    return canvas
+
+
+def misclassified_grid(wrong: dict, class_names: Sequence[str], mean: Sequence[float],
+                       std: Sequence[float]) -> torch.Tensor | None:
+    """The most confidently wrong images (engine.evaluate's `wrong`) captioned true / predicted; None if none."""
+    if wrong.get("images") is None or len(wrong["images"]) == 0:
+        return None
+    images = denormalize(wrong["images"], mean, std)
+    captions = [(f"true: {class_names[int(t)]}", f"pred: {class_names[int(p)]}", f"conf: {float(c):.0%}")
+                for t, p, c in zip(wrong["target"], wrong["pred"], wrong["conf"])]
+    return labelled_grid(images, captions)
+
+
+def accuracy_table(cm: torch.Tensor, class_names: Sequence[str]) -> str:
+    """Per-class accuracy and sample count as an aligned text table (terminal and TensorBoard text)."""
+    acc = per_class_accuracy(cm)
+    width = max(len("class"), *(len(n) for n in class_names))
+    rows = [f"{'class'.ljust(width)}  {'acc':>6}  {'n':>6}"]
+    for name, a, n in zip(class_names, acc, cm.sum(1).tolist()):
+        rows.append(f"{name.ljust(width)}  {a:6.4f}  {int(n):6d}")
+    return "\n".join(rows)
+
+
+def log_evaluation(tracker, val: dict, class_names: Sequence[str], eval_spec: dict, step: int,
+                   prefix: str = "val") -> torch.Tensor | None:
+    """Write the confusion matrix, per-class accuracy and misclassified grid of a collected evaluation.
+
+    `val` is engine.evaluate(..., collect=True)'s result; returns the confusion matrix
+    (None when the evaluation collected nothing).
+    """
+    if "pred" not in val:
+        return None
+    n = len(class_names)
+    cm = confusion_matrix(val["pred"], val["target"], n)
+    tracker.image(f"{prefix}/confusion_matrix", confusion_image(cm, class_names), step)
+    tracker.scalars({f"{prefix}_per_class/{name}": a for name, a in zip(class_names, per_class_accuracy(cm))}, step)
+    # Markdown renders a code block verbatim, so the table stays aligned in TensorBoard's text tab.
+    tracker.text(f"{prefix}/per_class_accuracy", "    " + accuracy_table(cm, class_names).replace("\n", "\n    "), step)
+    grid = misclassified_grid(val.get("wrong", {}), class_names, eval_spec["mean"], eval_spec["std"])
+    if grid is not None:
+        tracker.image(f"{prefix}/misclassified", grid, step)
+    return cm
+
+
+def log_augmented_batch(tracker, bundle, max_images: int = 32) -> None:
+    """Log one grid of the first training batch exactly as the network receives it (after augmentation)."""
+    bundle.train.set_epoch(0)
+    images, _ = next(iter(bundle.train.iter_from(0)))
+    spec = bundle.eval_spec
+    tracker.image("train/augmented_batch", image_grid(images[:max_images], spec["mean"], spec["std"]), 0)
+
+
+class GradNormProbe:
+    """Measures the global gradient L2 norm just before the optimizer steps that get logged.
+
+    An optimizer step pre-hook sees the gradients after clipping and (for fp16)
+    after unscaling, i.e. what the update really uses; only every `every`-th step
+    pays for the norm so the loop keeps its one-sync-per-logged-step rhythm.
+    """
+
+    def __init__(self, loop, every: int):
+        self.loop, self.every, self.value = loop, max(1, every), None
+        self.handle = loop.optimizer.register_step_pre_hook(self._hook)
+
+    def _hook(self, optimizer, args, kwargs) -> None:
+        if (self.loop.global_step + 1) % self.every:
+            return
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self.value = torch.nn.utils.get_total_norm(grads) if grads else None
+
+    def pop(self) -> float | None:
+        """The latest measured norm (once), as a float."""
+        value, self.value = self.value, None
+        return None if value is None else float(value)
+
+
+def curve_image(xs: Sequence[float], ys: Sequence[float], *, title: str, log_x: bool = True,
+                mark: float | None = None, size: tuple[int, int] = (480, 300)) -> torch.Tensor:
+    """A line plot (CHW, [0, 1]) of ys against xs, x on a log10 axis by default; `mark` draws a vertical line."""
+    import math
+
+    w, h = size
+    left, right, top, bottom = 52, 12, 22, 30
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = _font()
+    tx = (lambda v: math.log10(v)) if log_x else (lambda v: v)  # noqa: E731
+    pts = [(tx(x), y) for x, y in zip(xs, ys) if math.isfinite(y) and (x > 0 or not log_x)]
+    draw.text((left, 4), title, fill="black", font=font)
+    if len(pts) < 2:
+        return _to_tensor(img)
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    px = lambda v: left + (v - x0) / (x1 - x0) * (w - left - right)  # noqa: E731
+    py = lambda v: h - bottom - (v - y0) / (y1 - y0) * (h - top - bottom)  # noqa: E731
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for k in range(math.floor(x0), math.ceil(x1) + 1) if log_x else ():
+        if x0 <= k <= x1:  # one tick per decade
+            draw.line([px(k), h - bottom, px(k), h - bottom + 4], fill="black")
+            draw.text((px(k) - 10, h - bottom + 6), f"1e{k}", fill="black", font=font)
+    for v in (y0, (y0 + y1) / 2, y1):
+        draw.text((2, py(v) - 6), f"{v:.3g}", fill="black", font=font)
+    draw.line([(px(x), py(y)) for x, y in pts], fill=(30, 90, 200), width=2)
+    if mark is not None and mark > 0:
+        m = px(tx(mark))
+        draw.line([m, top, m, h - bottom], fill=(200, 40, 40), width=1)
+    return _to_tensor(img)

@@ -1,0 +1,163 @@
+"""resnet-predict, resnet-eval, resnet-export and resnet-lr-find on a model trained once in this module."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, compose, read_metrics
+
+TRAIN = [*TINY, "model=resnet20", "optimizer=adam", "scheduler=onecycle", "scheduler.max_lr=0.01",
+         "dataset.num_train=1000", "dataset.num_val=200", "dataset.batch_size=50", "dataset.val_batch_size=100",
+         "trainer.epochs=3", "trainer.log_every_n_steps=10"]
+
+
+def script(name: str) -> list[str]:
+    """An installed console script of this package (or its module, from a plain source tree)."""
+    path = Path(sys.executable).parent / name
+    module = {"resnet-predict": "predict", "resnet-eval": "evaluate", "resnet-export": "export",
+              "resnet-lr-find": "lr_find"}[name]
+    return [str(path)] if path.exists() else [sys.executable, "-m", f"resnet_cli.{module}"]
+
+
+def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*script(name), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A resnet20 trained on 16 px shapes, once for the module: its run folder."""
+    from omegaconf import open_dict
+
+    from resnet_cli.train import fit
+
+    root = tmp_path_factory.mktemp("tools")
+    cfg = compose([*TRAIN, f"output_root={root / 'outputs'}"])
+    with open_dict(cfg):
+        del cfg["hydra"]
+    run_dir = root / "run"
+    run_dir.mkdir()
+    fit(cfg, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def val_pngs(trained):
+    """The first 20 validation images of the embedded dataset as PNG files, with their true class names."""
+    from torchvision.transforms.v2.functional import to_pil_image
+
+    from resnet_cli.data.synthetic import CLASS_NAMES, generate_shapes
+
+    folder = trained.parent / "pngs"
+    folder.mkdir()
+    split = generate_shapes(200, 16, 1)  # the val split's key, as synthetic.shapes draws it
+    truth = {}
+    for i in range(20):
+        path = folder / f"img{i:02d}.png"
+        to_pil_image(split.images[i]).save(path)
+        truth[str(path)] = CLASS_NAMES[int(split.labels[i])]
+    return folder, truth
+
+
+def test_predict_names_the_right_class_for_most_images(trained, val_pngs, tmp_path):
+    folder, truth = val_pngs
+    out = tmp_path / "preds.json"
+    res = run_script("resnet-predict", str(trained), str(folder), "--topk", "3", "--json", str(out), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    preds = json.loads(out.read_text())
+    assert [p["file"] for p in preds] == sorted(truth)
+    assert all(len(p["top"]) == 3 and p["top"][0]["prob"] >= p["top"][1]["prob"] for p in preds)
+    right = sum(p["top"][0]["class"] == truth[p["file"]] for p in preds)
+    acc = read_metrics(trained)["best_val_acc"]
+    assert right / len(preds) > 0.5, (right, acc)
+    first = preds[0]
+    assert first["file"] in res.stdout and first["top"][0]["class"] in res.stdout  # the terminal table
+
+
+def test_predict_csv_matches_json(trained, val_pngs, tmp_path):
+    from resnet_cli.predict import find_images, load_model, predict, to_csv
+
+    folder, _ = val_pngs
+    model, ckpt = load_model(trained)
+    results = predict(model, ckpt, find_images([str(folder)])[:4], topk=2)
+    rows = to_csv(results).strip().splitlines()
+    assert rows[0] == "file,rank,class,index,prob" and len(rows) == 1 + 4 * 2
+    assert rows[1].split(",")[2] == results[0]["top"][0]["class"]
+
+
+def test_predict_bad_path_is_one_line_and_nonzero(trained, tmp_path):
+    res = run_script("resnet-predict", str(trained), str(tmp_path / "missing.png"), cwd=tmp_path)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing.png" in lines[0], res.stderr
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    res = run_script("resnet-predict", str(trained), str(bad), cwd=tmp_path)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "broken.png" in res.stderr
+
+
+def test_eval_reproduces_the_accuracy_in_metrics_json(trained, tmp_path):
+    out = tmp_path / "eval.json"
+    res = run_script("resnet-eval", str(trained / "best.pt"), "--json", str(out), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(out.read_text())
+    metrics = read_metrics(trained)
+    assert report["accuracy"] == pytest.approx(metrics["best_val_acc"], abs=1e-9)
+    assert report["samples"] == 200
+    cm = torch.tensor(report["confusion_matrix"])
+    assert int(cm.trace()) == round(report["accuracy"] * 200)
+    assert len(report["per_class_accuracy"]) == 10
+    assert "confusion matrix" in res.stdout and f"{report['accuracy']:.4f}" in res.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(trained / "eval_val"), size_guidance={"images": 0})
+    acc.Reload()
+    assert "eval_val/confusion_matrix" in acc.Tags()["images"]
+    assert acc.Scalars("eval_val/acc")[0].value == pytest.approx(report["accuracy"])
+
+
+def test_eval_bad_override_names_the_key(trained, tmp_path):
+    res = run_script("resnet-eval", str(trained), "dataset.no_such_key=1", cwd=tmp_path)
+    assert res.returncode == 2 and "dataset.no_such_key" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_export_formats_reload_and_match_pytorch(trained, tmp_path):
+    from resnet_cli.export import FORMATS, export
+
+    results = export(trained, tmp_path / "exported", log=lambda _: None)
+    assert set(results) == set(FORMATS)
+    for fmt in ("torchscript", "safetensors"):
+        assert results[fmt]["verified"] and results[fmt]["max_abs_diff"] <= 1e-4
+        assert Path(results[fmt]["path"]).is_file()
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        pytest.skip("onnxruntime is not installed: ONNX outputs were not compared")
+    assert results["onnx"]["verified"] and results["onnx"]["max_abs_diff"] <= 1e-4
+    assert not list((tmp_path / "exported").glob("*.data"))  # one self-contained .onnx file
+
+
+def test_lr_find_writes_the_curve_and_suggests_overrides(tmp_path):
+    res = run_script("resnet-lr-find", "--steps", "30", "--start-lr", "1e-4", "--end-lr", "10", *TINY,
+                     "model=resnet20", f"output_root={tmp_path / 'out'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "optimizer.lr=" in res.stdout and "scheduler.max_lr=" in res.stdout
+    found = list((tmp_path / "out" / "lr_find").rglob("lr_find.json"))
+    assert len(found) == 1
+    data = json.loads(found[0].read_text())
+    lrs = data["lrs"]
+    assert lrs[0] == pytest.approx(1e-4) and 5 <= len(lrs) <= 30
+    ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+    assert ratios == pytest.approx([(10 / 1e-4) ** (1 / 29)] * len(ratios))  # exponential steps
+    assert lrs[0] <= data["lr"] <= lrs[-1]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(found[0].parent), size_guidance={"images": 0})
+    acc.Reload()
+    assert "lr_find/loss_vs_lr" in acc.Tags()["images"] and "lr_find/loss" in acc.Tags()["scalars"]
