@@ -119,3 +119,11 @@ def test_readme_quick_start_is_two_commands_and_ci_runs_the_test_one():
     assert setup_and_test.startswith("python3 -m venv .venv") and "pytest" in setup_and_test
     ci = (REPO / ".ci" / "run").read_text()
     assert setup_and_test in ci
+
+
+def test_batch_larger_than_the_dataset_is_one_line(cli, tmp_path):
+    res = cli("dataset=shapes", "dataset.num_train=64", "dataset.num_val=32", "dataset.image_size=16",
+              "dataset.batch_size=128", "model=resnet20", "trainer.device=cpu", f"output_root={tmp_path / 'o'}")
+    assert res.returncode == 2
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("resnet-train: error: dataset.batch_size=128") and "Traceback" not in res.stderr
