@@ -7,7 +7,6 @@ import os
 import pickle
 import random
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +61,11 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         # weights_only=True: tensors and plain containers only; a pickled code payload is refused.
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UserError(f"refused to load {path}: it holds objects other than tensors and plain data ({_first_line(exc)})") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+            raise UserError(f"refused to load {path}: it holds objects other than tensors and plain data "
+                            f"(possibly code); only load checkpoints you trust") from exc
+        raise UserError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({_first_line(exc)})") from exc
+    except Exception as exc:  # noqa: BLE001 - a foreign file fails in many ways (KeyError, EOFError, zip errors)
         raise UserError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({_first_line(exc)})") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path} is not a resnet-cli checkpoint (no 'model' entry)")
@@ -72,7 +74,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    # torch's messages run on with advice that does not fit one line: keep the first sentence.
+    return text[0].split(". ")[0][:200] if text else type(exc).__name__
 
 
 def rng_state() -> dict:
@@ -89,14 +92,15 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what rng_state() captured."""
+    """Restore what rng_state() captured (from a checkpoint loaded onto any device)."""
     random.setstate(_tuplify(state["python"]))
     np_state = state["numpy"]
-    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+    np.random.set_state((np_state["kind"], np_state["keys"].cpu().numpy().astype(np.uint32), np_state["pos"],
                          np_state["has_gauss"], np_state["gauss"]))
-    torch.set_rng_state(state["torch"])
+    # RNG states must be CPU byte tensors, even when the checkpoint was mapped onto a GPU.
+    torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _tuplify(value: Any) -> Any:

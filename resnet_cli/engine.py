@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -16,6 +18,7 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite (and no more bad steps may be skipped)."""
 
     def __init__(self, epoch: int, step: int):
+        # epoch: 1-based (as in the console table); step: 1-based batch within that epoch.
         super().__init__(f"non-finite loss at epoch {epoch}, step {step}")
         self.epoch, self.step = epoch, step
 
@@ -40,6 +43,38 @@ class Loop:
     global_step: int = 0
     bad_steps: int = 0
     last_lr: float = 0.0  # the lr the latest optimizer step used (what logs should show)
+    # "Loss is finite" flags of recent steps, oldest first: (flag, CUDA event or None, epoch, step).
+    pending: deque = field(default_factory=deque)
+
+    def note_finite(self, finite: torch.Tensor, epoch: int, step: int) -> None:
+        """Queue a step's finiteness flag; on CUDA it travels to pinned host memory without a sync."""
+        event = None
+        if finite.device.type == "cuda":
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(finite, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            finite = host
+        self.pending.append((finite, event, epoch, step))
+
+    def check_finite(self, wait: bool = False) -> None:
+        """Raise NonFiniteLoss for the first queued step whose loss was not finite.
+
+        CPU flags are read at once (no asynchrony to lose). CUDA flags are read when
+        their copy has landed; without `wait` the host waits only for the previous
+        step's flag while the current step is already queued, so the device never
+        idles and a bad step stops the run one step later at most.
+        """
+        while self.pending:
+            flag, event, epoch, step = self.pending[0]
+            if event is not None and not wait and len(self.pending) <= 1 and not event.query():
+                return
+            if event is not None:
+                event.synchronize()
+            self.pending.popleft()
+            if not bool(flag):
+                self.pending.clear()
+                raise NonFiniteLoss(epoch, step)
 
 
 @dataclass
@@ -112,39 +147,49 @@ def train_one_epoch(loop: Loop, batches: Iterable, epoch: int, *, start: int = 0
     model, opt, rt = loop.model, loop.optimizer, loop.rt
     model.train()
     running = running or Running.zeros(rt.device)
-    pending: tuple[torch.Tensor, int] | None = None  # previous step's finiteness, checked one step late
-    i = start
+    loop.pending.clear()
+    # Gradients left by a previous epoch's incomplete accumulation window are dropped:
+    # an epoch always starts a fresh window, so a resumed run sees the same windows.
+    opt.zero_grad(set_to_none=True)
     for i, batch in enumerate(batches, start=start):
         images, targets = to_device(batch, rt)
-        logits, loss = compute_loss(model, images, targets, loop.criterion, rt)
-        loop.scaler.scale(loss / loop.accum_steps).backward()
+        # Windows count from the epoch's first batch, so a resume (always at a window's end) keeps them.
+        window_ends = (i + 1) % loop.accum_steps == 0
+        # Under DDP, all-reduce gradients only on the window's last micro-batch.
+        with nullcontext() if window_ends or not hasattr(model, "no_sync") else model.no_sync():
+            logits, loss = compute_loss(model, images, targets, loop.criterion, rt)
+            loop.scaler.scale(loss / loop.accum_steps if loop.accum_steps > 1 else loss).backward()
         finite = torch.isfinite(loss.detach())
+        if dist.is_available() and dist.is_initialized():
+            # Ranks must agree on a bad step, to skip it or stop together (not hang in the next
+            # collective); NCCL queues this on the stream without a host sync.
+            finite = finite.to(torch.int32)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            finite = finite.bool()
         if loop.max_bad_steps:
             # Skipping a bad step needs its verdict before the update: one sync per step, by request.
             if not bool(finite):
                 loop.bad_steps += 1
                 opt.zero_grad(set_to_none=True)
                 if loop.bad_steps > loop.max_bad_steps:
-                    raise NonFiniteLoss(epoch, i)
+                    raise NonFiniteLoss(epoch + 1, i + 1)
                 continue
         else:
-            # Read the previous step's flag now that this step's work is queued: the device
-            # stays busy while the host waits, and a bad step still stops one step later at most.
-            if pending is not None and not bool(pending[0]):
-                raise NonFiniteLoss(epoch, pending[1])
-            pending = (finite, i)
+            # No per-step sync: on CUDA the flag is read once it has reached the host (see check_finite);
+            # on the CPU it is read now, so a bad step never updates the weights.
+            loop.note_finite(finite, epoch + 1, i + 1)  # 1-based, as the console shows them
+            loop.check_finite()
         running.loss += loss.detach().double() * images.shape[0]
         running.correct += (logits.detach().argmax(1) == _hard(targets)).sum()
         running.count += images.shape[0]
-        if (i + 1 - start) % loop.accum_steps:
+        if not window_ends:
             continue
         _optimizer_step(loop)
         if progress is not None:
             progress.update(loop.accum_steps)
         if on_step is not None and on_step(i + 1, running, loss.detach()):
             break
-    if pending is not None and not bool(pending[0]):
-        raise NonFiniteLoss(epoch, pending[1])
+    loop.check_finite(wait=True)
     return running
 
 

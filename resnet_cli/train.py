@@ -137,6 +137,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         interval = sched_cfg.pop("interval", "epoch")
         accum = max(1, int(tcfg.grad_accum_steps))
         batches_per_epoch = _limit(len(bundle.train), tcfg.limit_train_batches)
+        if batches_per_epoch == 0:
+            raise UserError(f"dataset.batch_size={bundle.train.batch_size} leaves 0 training batches for the "
+                            f"{bundle.train.num_samples} training samples of this process; lower dataset.batch_size")
         steps_per_epoch = batches_per_epoch // accum
         if steps_per_epoch < 1:
             raise UserError(f"trainer.grad_accum_steps={accum} is more than the {batches_per_epoch} batches per epoch")
@@ -424,8 +427,10 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
                     values["train/grad_norm"] = norm
                 tracker.scalars(values, step)
                 if progress is not None:
-                    progress.set_postfix(loss=f"{values['train/loss']:.3f}", lr=f"{values['lr']:.2e}",
-                                         img_s=f"{ips:.0f}")
+                    # Running accuracy of this rank's epoch so far: a logged step syncs anyway.
+                    acc = float(run.correct) / max(run.count, 1)
+                    progress.set_postfix(loss=f"{values['train/loss']:.3f}", acc=f"{acc:.3f}",
+                                         lr=f"{values['lr']:.2e}", img_s=f"{ips:.0f}")
                 if rt.distributed and _any_rank(stopper.signal is not None, rt):
                     stopper.signal = stopper.signal or "peer"
             stop = stopper.signal is not None and not rt.distributed
