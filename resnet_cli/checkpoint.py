@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import random
@@ -142,10 +141,3 @@ def find_resumable(root: str | os.PathLike, config: dict, exclude: Path | None =
         if not ckpt.get("finished") and comparable_config(ckpt.get("config", {})) == want:
             return path.parent
     return None
-
-
-def to_bytes(obj: Any) -> bytes:
-    """Serialize with torch.save into memory (for tests and size checks)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class UserError(Exception):
     """An error the user can fix; reported as one line."""
+
+
+@contextmanager
+def reported(prog: str, *also: type[BaseException]) -> Iterator[None]:
+    """Turn a UserError (or one of `also`) raised in the block into one stderr line and exit status 2."""
+    try:
+        yield
+    except (UserError, *also) as exc:
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from resnet_cli.errors import UserError, one_line
+from resnet_cli.errors import UserError, one_line, reported
 
 SPLITS = ("val", "train")
 # Evaluating the train split means measuring it, not training on it: no augmentation or mixing.
@@ -153,11 +153,8 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit with status 2."""
     args = parse_args(argv)
-    try:
+    with reported("resnet-eval"):
         run(args)
-    except UserError as exc:
-        print(f"resnet-eval: error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

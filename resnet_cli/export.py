@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from resnet_cli.errors import UserError, one_line
+from resnet_cli.errors import UserError, one_line, reported
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
@@ -160,15 +159,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit with status 2."""
     args = parse_args(argv)
-    try:
+    with reported("resnet-export"):
         from resnet_cli.predict import resolve_checkpoint
 
         out = Path(args.out) if args.out else resolve_checkpoint(args.checkpoint).parent / "export"
         export(args.checkpoint, out, [f.strip() for f in args.formats.split(",") if f.strip()], args.atol,
                args.name)
-    except UserError as exc:
-        print(f"resnet-export: error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from resnet_cli import config as _schemas  # noqa: F401  (registers the typed schemas)
 from resnet_cli import config_dir
-from resnet_cli.errors import UserError, one_line
+from resnet_cli.errors import UserError, reported
 
 log = logging.getLogger("resnet_cli")
 
@@ -163,11 +163,8 @@ def main() -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    try:
+    with reported("resnet-lr-find", HydraException, OmegaConfBaseException):
         hydra_main()
-    except (UserError, HydraException, OmegaConfBaseException) as exc:
-        print(f"resnet-lr-find: error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

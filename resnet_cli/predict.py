@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from resnet_cli.errors import UserError, one_line
+from resnet_cli.errors import UserError, one_line, reported
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -165,11 +165,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit with status 2."""
     args = parse_args(argv)
-    try:
+    with reported("resnet-predict"):
         run(args)
-    except UserError as exc:
-        print(f"resnet-predict: error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

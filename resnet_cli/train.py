@@ -386,8 +386,6 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
     """The epoch loop: train, evaluate, log, checkpoint, stop early or on a signal."""
     import itertools
 
-    import torch
-
     tcfg, rt = cfg.trainer, loop.rt
     monitor = getattr(tcfg.monitor, "value", str(tcfg.monitor))
     epochs = int(tcfg.epochs)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,15 +92,3 @@ def only_run_dir(root: Path) -> Path:
     found = [p.parent for p in Path(root).rglob("metrics.json")]
     assert len(found) == 1, found
     return found[0]
-
-
-@pytest.fixture
-def scratch_copy(tmp_path):
-    """Copy a file tree into tmp (for tests that mutate fixtures)."""
-
-    def copy(src: Path, name: str) -> Path:
-        dst = tmp_path / name
-        shutil.copytree(src, dst)
-        return dst
-
-    return copy

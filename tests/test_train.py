@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from archives import make_cifar10_archive, make_flowers_archive
-from conftest import TINY, only_run_dir, read_metrics
+from conftest import only_run_dir, read_metrics
 
 RUN_FILES = ("last.pt", "best.pt", "class_names.json", "metrics.json", ".hydra/config.yaml")
 
