@@ -153,7 +153,8 @@ def test_torchvision_variant_has_the_same_state_dict_and_outputs(name):
 # image at 32 px (CIFAR) or 224 px (ImageNet, stem=imagenet there).
 
 CIFAR_PARAMS = {"resnet20": 0.27e6, "resnet32": 0.46e6, "resnet44": 0.66e6, "resnet56": 0.85e6, "resnet110": 1.7e6,
-                "preact_resnet164": 1.7e6, "preact_resnet1001": 10.2e6}
+                "preact_resnet164": 1.7e6, "preact_resnet1001": 10.2e6,
+                "attention92_cifar": 1.9e6}  # Wang et al. 2017, Table 5
 
 
 @pytest.mark.parametrize("name, expected", CIFAR_PARAMS.items())

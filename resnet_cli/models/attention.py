@@ -85,6 +85,8 @@ class ResidualAttentionNet(nn.Module):
         image_size: input side in pixels; only read to resolve stem="auto".
         in_channels: channels of the input images.
         drop_rate: dropout probability before `fc`.
+        widths: stem width, then the output channels of stages 1-4 (a stage's units are bottlenecks
+            of a quarter of that width); the CIFAR nets use the ResNet-164 widths.
     """
 
     def __init__(
@@ -96,24 +98,28 @@ class ResidualAttentionNet(nn.Module):
         image_size: int = 224,
         in_channels: int = 3,
         drop_rate: float = 0.0,
+        widths: Sequence[int] = (64, 256, 512, 1024, 2048),
+        levels: Sequence[int] = (3, 2, 1),
+        last_stride: int = 2,
     ) -> None:
         super().__init__()
         stem = resolve_stem(stem, image_size)
-        self.conv1 = stem_conv(stem, in_channels, 64)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1 = stem_conv(stem, in_channels, widths[0])
+        self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
-        inplanes = 64
-        for i, (channels, count) in enumerate(zip((256, 512, 1024), modules_per_stage)):
+        inplanes = widths[0]
+        for i, (channels, count, depth) in enumerate(zip(widths[1:4], modules_per_stage, levels)):
             unit = _unit(inplanes, channels, stride=1 if i == 0 else 2)
-            attention = [AttentionModule(channels, levels=3 - i) for _ in range(count)]
+            attention = [AttentionModule(channels, levels=depth) for _ in range(count)]
             self.add_module(f"layer{i + 1}", nn.Sequential(unit, *attention))
             inplanes = channels
-        self.layer4 = nn.Sequential(_unit(1024, 2048, stride=2), _unit(2048, 2048), _unit(2048, 2048))
-        self.final_act = nn.Sequential(nn.BatchNorm2d(2048), nn.ReLU(inplace=True))
+        last = widths[4]
+        self.layer4 = nn.Sequential(_unit(inplanes, last, stride=last_stride), _unit(last, last), _unit(last, last))
+        self.final_act = nn.Sequential(nn.BatchNorm2d(last), nn.ReLU(inplace=True))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(2048, num_classes)
+        self.fc = nn.Linear(last, num_classes)
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -135,3 +141,23 @@ def attention56(**kwargs: Any) -> ResidualAttentionNet:
 def attention92(**kwargs: Any) -> ResidualAttentionNet:
     """Attention-92: one, two and three attention modules in stages 1-3."""
     return ResidualAttentionNet((1, 2, 3), **kwargs)
+
+
+# The paper's CIFAR nets (sec. 4.1, Table 5) run at 32 px on the ResNet-164 widths: a 16-channel 3x3
+# stem and stages of 64/128/256 channels at 32/16/8 px, the last three units staying at 8 px. Masks
+# pool down to 8 px at most (two levels, one, none); with that, Attention-92 has the paper's 1.9M
+# parameters, which pins the layout the text leaves open.
+_CIFAR = {"stem": "cifar", "widths": (16, 64, 128, 256, 256), "levels": (2, 1, 0), "last_stride": 1}
+_attention_cifar = register_model(family="CIFAR Residual Attention", paper="Wang et al. 2017, arXiv:1704.06904")
+
+
+@_attention_cifar
+def attention56_cifar(**kwargs: Any) -> ResidualAttentionNet:
+    """Attention-56 for 32 px inputs (Wang et al. 2017, CIFAR layout)."""
+    return ResidualAttentionNet((1, 1, 1), **{**_CIFAR, **kwargs})
+
+
+@_attention_cifar
+def attention92_cifar(**kwargs: Any) -> ResidualAttentionNet:
+    """Attention-92 for 32 px inputs (Wang et al. 2017, Table 5: 1.9M parameters)."""
+    return ResidualAttentionNet((1, 2, 3), **{**_CIFAR, **kwargs})
