@@ -62,7 +62,7 @@ def test_resnet50_on_flowers_end_to_end_from_the_official_archive_format(cli, tm
 
 
 DEMO_EPOCHS = 4
-DEMO_MIN_ACC = 0.60  # 10 classes: chance is 0.10
+DEMO_MIN_ACC = 0.90  # 10 classes: chance is 0.10; measured 1.00 (README quick start)
 
 
 def test_demo_learns_the_embedded_dataset_well_above_chance(cli, tmp_path):
