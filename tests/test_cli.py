@@ -127,3 +127,13 @@ def test_batch_larger_than_the_dataset_is_one_line(cli, tmp_path):
     assert res.returncode == 2
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("resnet-train: error: dataset.batch_size=128") and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_and_names_itself(name):
+    """Each recipe is a valid composition of real options that passes the schema."""
+    from conftest import compose
+
+    cfg = compose([f"experiment={name}"])
+    assert cfg.name == name
+    assert cfg.model.name and cfg.dataset._target_.startswith("resnet_cli.data.")
