@@ -40,6 +40,13 @@ class Diverged(UserError):
 class Preempted(Exception):
     """A stop signal arrived; the state was saved and the run can be resumed."""
 
+    @classmethod
+    def after(cls, signal_name: str, run_dir: Path) -> "Preempted":
+        """The exception for a run stopped by `signal_name` once last.pt in run_dir was saved."""
+        # A plain message argument keeps the exception picklable (joblib sends it between processes).
+        return cls(f"received {signal_name}; saved {run_dir / 'last.pt'}; rerun the same command with "
+                   f"trainer.resume=auto to continue (exit code {EXIT_PREEMPTED})")
+
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def hydra_main(cfg: DictConfig) -> float:
@@ -399,7 +406,6 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
         log.info("%s", table_header())
         for row in st.history:
             log.info("%s", table_row(row))
-    best_acc = max((r["val_acc"] for r in st.history), default=0.0)
     t_run = time.perf_counter()
     epoch = st.start_epoch
     for epoch in range(st.start_epoch, epochs):
@@ -431,8 +437,8 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
                                          lr=f"{values['lr']:.2e}", img_s=f"{ips:.0f}")
                 if rt.distributed and _any_rank(stopper.signal is not None, rt):
                     stopper.signal = stopper.signal or "peer"
-            stop = stopper.signal is not None and not rt.distributed
-            stop = stop or (rt.distributed and stopper.signal is not None and step % loop.log_every == 0)
+            # Under DDP the ranks agree on a signal only at logged steps (see above), so they stop together.
+            stop = stopper.signal is not None and (not rt.distributed or step % loop.log_every == 0)
             if stop or (ckpt_every and step % ckpt_every == 0 and done < batches_per_epoch):
                 loop.check_finite()  # name the bad step rather than refuse its weights
                 saver.save(saver.state(epoch, done, run, st, False, {}))
@@ -453,8 +459,7 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
             if progress is not None:
                 progress.close()
         if stopper.signal is not None:
-            raise Preempted(f"received {stopper.signal}; saved {saver.run_dir / 'last.pt'}; rerun the same "
-                            f"command with trainer.resume=auto to continue (exit code {EXIT_PREEMPTED})")
+            raise Preempted.after(stopper.signal, saver.run_dir)
         if loop.interval == "epoch":
             loop.scheduler.step()
         train = running.summary()
@@ -478,7 +483,6 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
             metrics.update({"val_ema/loss": ema_val["loss"], "val_ema/acc": ema_val["acc"]})
         tracker.scalars(metrics, loop.global_step)
         st.history.append(row)
-        best_acc = max(best_acc, val["acc"])
         value = val["acc"] if monitor == "val_acc" else val["loss"]
         improved = _improved(monitor, value, st.best_value)
         if improved:
@@ -496,15 +500,14 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
         if not finished and (_any_rank(stopper.signal is not None, rt) if rt.distributed else stopper.signal):
             # The signal came during evaluation: last.pt already holds this whole epoch.
             stopper.signal = stopper.signal or "peer"
-            raise Preempted(f"received {stopper.signal}; saved {saver.run_dir / 'last.pt'}; rerun the same "
-                            f"command with trainer.resume=auto to continue (exit code {EXIT_PREEMPTED})")
+            raise Preempted.after(stopper.signal, saver.run_dir)
         if early:
             if rt.is_main:
                 log.info("early stop: %s did not improve for %d epochs", monitor, patience)
             break
     if rt.is_main and st.history:
         _final_hparams(cfg, tracker, st)
-    return best_acc
+    return max((r["val_acc"] for r in st.history), default=0.0)  # what sweepers optimise
 
 
 def _write_metrics(tracker, st: _State, row: dict, finished: bool, seconds: float, monitor: str) -> None:

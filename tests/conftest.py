@@ -61,23 +61,28 @@ def compose(overrides: list[str]):
     return cfg
 
 
+def fit_inproc(run_dir: Path, overrides: list[str]) -> float:
+    """Compose the real config with overrides and run the training task in-process into run_dir."""
+    from omegaconf import open_dict
+
+    from resnet_cli.train import fit
+
+    cfg = compose(overrides)
+    with open_dict(cfg):
+        del cfg["hydra"]  # Hydra's own node is not part of the run's config
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return fit(cfg, run_dir)
+
+
 @pytest.fixture
 def train_inproc(tmp_path):
-    """Run the training task in-process (no torch re-import), returning (best_acc, run_dir)."""
+    """Run the training task in-process on TINY data (no torch re-import), returning (best_acc, run_dir)."""
     counter = {"n": 0}
 
     def run(*overrides: str, run_dir: Path | None = None):
-        from omegaconf import open_dict
-
-        from resnet_cli.train import fit
-
         counter["n"] += 1
         run_dir = run_dir or tmp_path / f"run{counter['n']}"
-        cfg = compose([*TINY, f"output_root={tmp_path / 'outputs'}", *overrides])
-        with open_dict(cfg):
-            del cfg["hydra"]
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return fit(cfg, run_dir), run_dir
+        return fit_inproc(run_dir, [*TINY, f"output_root={tmp_path / 'outputs'}", *overrides]), run_dir
 
     return run
 

@@ -125,16 +125,8 @@ ACC_EPOCHS = ["trainer.epochs=2", "dataset.num_train=800", "dataset.num_val=400"
               "model=resnet20", "optimizer.lr=0.1"]
 
 
-@pytest.fixture
-def one_thread():
-    """Train on one intra-op thread: on a shared 2-core machine the thread handshake dominates small nets."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-def test_both_loader_paths_train_the_embedded_dataset_to_the_same_band(train_inproc, one_thread):
+def test_both_loader_paths_train_the_embedded_dataset_to_the_same_band(train_inproc):
     accs = {}
     for loader in ("memory", "dataloader"):
         best, run = train_inproc(*ACC_EPOCHS, f"dataset.loader={loader}", "dataset.num_workers=0")
@@ -144,7 +136,7 @@ def test_both_loader_paths_train_the_embedded_dataset_to_the_same_band(train_inp
     assert abs(accs["memory"] - accs["dataloader"]) < 0.15, accs
 
 
-def test_mixup_and_cutmix_train_through_the_runner(train_inproc, one_thread):
+def test_mixup_and_cutmix_train_through_the_runner(train_inproc):
     _, run = train_inproc("model=resnet20", "dataset.mixup_alpha=0.2", "dataset.cutmix_alpha=1.0",
                           "trainer.label_smoothing=0.1")
     hist = read_metrics(run)["history"][0]

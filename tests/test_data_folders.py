@@ -9,46 +9,28 @@ import pytest
 import torch
 
 from archives import FLOWER_CLASSES, make_flowers_archive, write_class_folders
-from conftest import compose, only_run_dir, read_metrics
+from conftest import fit_inproc, only_run_dir, read_metrics
 
 MODEL = "model=resnet20"  # the real CIFAR ResNet config: small and quick at 32 px
-# One intra-op thread: on a shared 2-core machine the thread handshake dominates tiny nets (~10x slower).
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
-
-@pytest.fixture
-def one_thread():
-    """Train in-process on one intra-op thread (see ONE_THREAD)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train_here(tmp_path: Path, *overrides: str) -> tuple[float, Path]:
     """Run the training task in-process on any dataset (conftest's train_inproc is tied to shapes)."""
-    from omegaconf import open_dict
-
-    from resnet_cli.train import fit
-
     run = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
-    run.mkdir()
-    cfg = compose([f"output_root={tmp_path / 'outputs'}", *overrides])
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return fit(cfg, run), run
+    return fit_inproc(run, [f"output_root={tmp_path / 'outputs'}", *overrides]), run
 
 
 SMALL = ["dataset.image_size=32", "dataset.resize=36", "dataset.batch_size=4", "dataset.val_batch_size=8",
          "trainer=debug", "trainer.limit_train_batches=3", "trainer.progress=false"]
 
 
-def test_flowers_download_verify_extract_split_train(cli, tmp_path, one_thread):
+def test_flowers_download_verify_extract_split_train(cli, tmp_path):
     url, sha256 = make_flowers_archive(tmp_path / "served", per_class=6, size=40)
     out, data = tmp_path / "outputs", tmp_path / "data"
     args = ["dataset=flowers", f"dataset.root={data}", f"dataset.url={url}", f"dataset.sha256={sha256}",
             "dataset.num_workers=0", *SMALL, MODEL]
-    res = cli(*args, f"output_root={out}", env=ONE_THREAD)
+    res = cli(*args, f"output_root={out}")
     assert res.returncode == 0, res.stderr[-3000:]
     run = only_run_dir(out)
     assert json.loads((run / "class_names.json").read_text()) == FLOWER_CLASSES
@@ -82,7 +64,7 @@ def test_imagefolder_missing_root_is_one_line(cli, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["presplit", "single"])
-def test_imagefolder_trains_both_layouts(tmp_path, layout, one_thread):
+def test_imagefolder_trains_both_layouts(tmp_path, layout):
     root = tmp_path / "images"
     if layout == "presplit":
         write_class_folders(root / "train", per_class=5, size=24, classes=["a", "b", "c"])

@@ -108,20 +108,14 @@ def reference(tmp_path_factory):
     In-process saves a torch start-up per loader; the same code on the same threads gives the
     same bits as a subprocess, which is what the resumed subprocess runs are compared with.
     """
-    from omegaconf import open_dict
-
-    from conftest import compose
-    from resnet_cli.train import fit
+    from conftest import fit_inproc
 
     done: dict[str, Path] = {}
 
     def get(loader: str) -> Path:
         if loader not in done:
             run = tmp_path_factory.mktemp(f"ref-{loader}")
-            cfg = compose([*overrides(**LOADERS[loader]), f"output_root={run / 'outputs'}"])
-            with open_dict(cfg):
-                del cfg["hydra"]
-            fit(cfg, run)
+            fit_inproc(run, [*overrides(**LOADERS[loader]), f"output_root={run / 'outputs'}"])
             done[loader] = run
         return done[loader]
 

@@ -6,7 +6,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
-from conftest import TINY, compose, read_metrics
+from conftest import TINY, fit_inproc, read_metrics
 
 OVERRIDES = ["model=resnet20", "optimizer=adam", "optimizer.lr=0.003", "trainer.epochs=2",
              "dataset.num_train=128", "dataset.num_val=64"]
@@ -22,17 +22,9 @@ def _typed(text: str):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One tiny 2-epoch run, trained once for the whole module; returns (run_dir, accumulator)."""
-    from omegaconf import open_dict
-
-    from resnet_cli.train import fit
-
     root = tmp_path_factory.mktemp("tb")
-    cfg = compose([*TINY, f"output_root={root / 'outputs'}", *OVERRIDES])
-    with open_dict(cfg):
-        del cfg["hydra"]
     run_dir = root / "run"
-    run_dir.mkdir()
-    fit(cfg, run_dir)
+    fit_inproc(run_dir, [*TINY, f"output_root={root / 'outputs'}", *OVERRIDES])
     acc = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     acc.Reload()
     return run_dir, acc

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, compose, read_metrics
+from conftest import TINY, fit_inproc, read_metrics
 
 TRAIN = [*TINY, "model=resnet20", "optimizer=adam", "scheduler=onecycle", "scheduler.max_lr=0.01",
          "dataset.num_train=1000", "dataset.num_val=200", "dataset.batch_size=50", "dataset.val_batch_size=100",
@@ -32,17 +32,9 @@ def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A resnet20 trained on 16 px shapes, once for the module: its run folder."""
-    from omegaconf import open_dict
-
-    from resnet_cli.train import fit
-
     root = tmp_path_factory.mktemp("tools")
-    cfg = compose([*TRAIN, f"output_root={root / 'outputs'}"])
-    with open_dict(cfg):
-        del cfg["hydra"]
     run_dir = root / "run"
-    run_dir.mkdir()
-    fit(cfg, run_dir)
+    fit_inproc(run_dir, [*TRAIN, f"output_root={root / 'outputs'}"])
     return run_dir
 
 
