@@ -42,6 +42,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.auto
     channels_last: str = "auto"  # auto | true | false
+    num_threads: str = "auto"  # CPU compute threads: auto (cores minus loader workers, or OMP_NUM_THREADS) | N
     compile: bool = False  # torch.compile the model (opt-in: compile time dominates short runs)
     deterministic: bool = False  # deterministic algorithms; bitwise-repeatable runs on CPU
     grad_clip_value: float = 0.0  # clip each gradient element to +-value; 0 = off

@@ -68,6 +68,7 @@ def find_lr(cfg: DictConfig, run_dir: Path, *, steps: int = 200, start_lr: float
     from hydra.utils import instantiate
 
     from resnet_cli import engine, optim, reports, runtime
+    from resnet_cli.build import build_model
     from resnet_cli.tracking import Tracker
 
     if not 0 < start_lr < end_lr or steps < 5:
@@ -76,7 +77,7 @@ def find_lr(cfg: DictConfig, run_dir: Path, *, steps: int = 200, start_lr: float
     rt = runtime.setup(tcfg)
     try:
         bundle = instantiate(cfg.dataset)(device=rt.device, seed=int(tcfg.seed), rank=0, world_size=1)
-        model = instantiate(cfg.model)(num_classes=len(bundle.class_names))
+        model = build_model(cfg.model, len(bundle.class_names), bundle.eval_spec["crop"])
         model = model.to(rt.device, memory_format=rt.memory_format)
         groups = optim.param_groups(model, weight_decay_norm_bias=tcfg.weight_decay_norm_bias,
                                     backbone_lr_scale=tcfg.backbone_lr_scale)

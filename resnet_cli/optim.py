@@ -82,3 +82,13 @@ def build_scheduler(factory: Callable, optimizer: torch.optim.Optimizer, *, inte
 
 def _keyword(factory: Callable, name: str):
     return getattr(factory, "keywords", {}).get(name)
+
+
+def describe_recipe(optimizer: torch.optim.Optimizer, scheduler, batch: int, epochs: int, steps_per_epoch: int) -> str:
+    """One phrase: optimizer, its lr and weight decay, the schedule and its peak, batch, epochs and steps."""
+    defaults = optimizer.defaults
+    main = getattr(scheduler, "_schedulers", [scheduler])[-1]  # SequentialLR: the schedule after warm-up
+    # OneCycleLR keeps its peak in each group's max_lr; every scheduler keeps the start in initial_lr.
+    peak = max(g.get("max_lr", g.get("initial_lr", g["lr"])) for g in optimizer.param_groups)
+    return (f"{type(optimizer).__name__} lr {defaults.get('lr', 0.0):g} wd {defaults.get('weight_decay', 0.0):g}, "
+            f"{type(main).__name__} peak {peak:g}, batch {batch}, {epochs} epochs x {steps_per_epoch} steps")

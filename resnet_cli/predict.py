@@ -37,18 +37,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_model(path: str | Path, device: str = "cpu"):
     """Rebuild the checkpoint's model in eval mode; returns (model, checkpoint dict)."""
     import torch
-    from hydra.utils import instantiate
 
     from resnet_cli import checkpoint
+    from resnet_cli.build import build_model
 
     ckpt = checkpoint.load(resolve_checkpoint(path), map_location="cpu")
     for key in ("config", "class_names", "eval_spec"):
         if key not in ckpt:
             raise UserError(f"{path}: checkpoint has no '{key}' entry (not written by resnet-train?)")
-    model_cfg = dict(ckpt["config"]["model"])
-    if model_cfg.get("pretrained"):
-        model_cfg["pretrained"] = False  # the checkpoint holds the trained weights; fetch nothing
-    model = instantiate(model_cfg)(num_classes=len(ckpt["class_names"]))
+    # The checkpoint holds the trained weights: fetch nothing; build at the size it was trained at.
+    model = build_model(ckpt["config"]["model"], len(ckpt["class_names"]), ckpt["eval_spec"].get("crop"),
+                        fetch_weights=False)
     model.load_state_dict(ckpt["model"])
     return model.to(torch.device(device)).eval(), ckpt
 

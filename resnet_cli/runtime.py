@@ -6,7 +6,7 @@ import logging
 import os
 import random
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    why: dict = field(default_factory=dict)  # setting -> the reason an `auto` resolved as it did
 
     @property
     def is_main(self) -> bool:
@@ -55,7 +56,9 @@ class Runtime:
         """One line saying what was chosen, printed at start-up."""
         where = f"rank {self.rank}/{self.world_size} " if self.distributed else ""
         fmt = "channels_last" if self.channels_last else "contiguous"
-        return f"{where}device {self.device} ({_device_name(self.device)}), precision {self.precision}, memory format {fmt}"
+        why = lambda key: f" ({self.why[key]})" if self.why.get(key) else ""  # noqa: E731
+        return (f"{where}device {self.device} ({_device_name(self.device)}){why('threads')}, "
+                f"precision {self.precision}{why('precision')}, memory format {fmt}{why('channels_last')}")
 
 
 def _device_name(device: torch.device) -> str:
@@ -106,11 +109,34 @@ def resolve_channels_last(value: str, device: torch.device, precision: str) -> b
     if value == "auto":
         if device.type == "cuda":
             return torch.cuda.get_device_capability(device)[0] >= 7  # tensor cores want NHWC
-        # oneDNN's bf16 convolutions are fastest in NHWC; fp32 on CPU gains little.
-        return device.type == "cpu" and precision == "bf16"
+        # oneDNN's convolutions run fastest in NHWC on the CPU, in fp32 as in bf16 (measured:
+        # docs/PERFORMANCE.md; bench/bench_engine.py prints the ratio on the machine at hand).
+        return device.type == "cpu"
     if value not in _BOOL:
         raise UserError(f"trainer.channels_last={value} is not one of auto, true, false")
     return _BOOL[value]
+
+
+def resolve_threads(value: int | str, workers: int) -> tuple[int, str]:
+    """Set torch's intra-op threads from trainer.num_threads (auto|N); returns (threads, reason).
+
+    auto keeps an explicit OMP_NUM_THREADS, else takes the usable cores minus the DataLoader
+    workers, so compute threads and workers never oversubscribe the cores.
+    """
+    from resnet_cli.data.pipeline import usable_cores
+
+    if str(value).lower() != "auto":
+        threads, why = int(value), "set"
+        if threads < 1:
+            raise UserError(f"trainer.num_threads={value} must be >= 1 or auto")
+    elif os.environ.get("OMP_NUM_THREADS"):
+        threads, why = torch.get_num_threads(), "auto: OMP_NUM_THREADS"
+    else:
+        cores = usable_cores()
+        threads = max(1, cores - workers)
+        why = f"auto: {cores} cores" + (f" - {workers} loader workers" if workers else "")
+    torch.set_num_threads(threads)
+    return threads, why
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -144,7 +170,14 @@ def setup(trainer_cfg) -> Runtime:
     precision = resolve_precision(trainer_cfg.precision, device)
     channels_last = resolve_channels_last(trainer_cfg.channels_last, device, precision)
     seed_everything(int(trainer_cfg.seed), bool(trainer_cfg.deterministic))
-    return Runtime(device, precision, channels_last, rank, local_rank, world_size)
+    why = {}
+    if str(getattr(trainer_cfg.precision, "value", trainer_cfg.precision)) == "auto":
+        why["precision"] = (f"auto: {'bf16' if precision == 'bf16' else 'no bf16'} on this GPU" if device.type == "cuda"
+                            else f"auto: {'native' if precision == 'bf16' else 'no native'} bf16 on this CPU")
+    if str(trainer_cfg.channels_last).lower() == "auto":
+        why["channels_last"] = ("auto: NHWC for tensor cores" if device.type == "cuda" and channels_last
+                                else "auto: oneDNN runs NHWC fastest" if channels_last else "auto")
+    return Runtime(device, precision, channels_last, rank, local_rank, world_size, why)
 
 
 def teardown(rt: Runtime) -> None:

@@ -107,6 +107,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
 
     from resnet_cli import checkpoint as ckpt_io
     from resnet_cli import engine, optim, runtime
+    from resnet_cli.build import build_model
     from resnet_cli.tracking import Tracker, table_header, table_row
 
     tcfg = cfg.trainer
@@ -115,15 +116,17 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         plain = to_plain(cfg)
         resume_from, run_dir = _resolve_resume(cfg, plain, run_dir, rt, ckpt_io)
         if rt.is_main:
-            log.info("%s", rt.describe())
             log.info("run folder: %s", run_dir.resolve())
 
         bundle = instantiate(cfg.dataset)(device=rt.device, seed=int(tcfg.seed), rank=rt.rank,
                                           world_size=rt.world_size)
         class_names = list(bundle.class_names)
-        if rt.is_main and bundle.summary:
-            log.info("data: %s", bundle.summary)
-        raw_model = instantiate(cfg.model)(num_classes=len(class_names))
+        _, rt.why["threads"] = runtime.resolve_threads(tcfg.num_threads, bundle.workers)
+        if rt.is_main:
+            if bundle.summary:
+                log.info("data: %s", bundle.summary)
+            log.info("runtime: %s", rt.describe())
+        raw_model = build_model(cfg.model, len(class_names), bundle.eval_spec["crop"])
         raw_model = raw_model.to(rt.device, memory_format=rt.memory_format)
         if rt.distributed and tcfg.sync_batchnorm:
             if rt.device.type != "cuda":
@@ -167,6 +170,10 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
                            accum_steps=accum, max_bad_steps=int(tcfg.max_bad_steps),
                            log_every=max(1, int(tcfg.log_every_n_steps)))
 
+        if rt.is_main:
+            log.info("plan: %s; recipe: %s", bundle.plan,
+                     optim.describe_recipe(optimizer, scheduler, bundle.train.batch_size * accum * rt.world_size,
+                                           int(tcfg.epochs), steps_per_epoch))
         if tcfg.dry_run:
             return _dry_run(raw_model, bundle, rt, steps_per_epoch, cfg)
 

@@ -122,7 +122,7 @@ def test_memory_path_refuses_per_image_policies():
 
 
 ACC_EPOCHS = ["trainer.epochs=2", "dataset.num_train=800", "dataset.num_val=400", "dataset.batch_size=32",
-              "model=resnet20", "optimizer.lr=0.1"]
+              "model=resnet20", "optimizer=sgd", "optimizer.lr=0.1"]
 
 
 

@@ -17,7 +17,8 @@ from resnet_cli.data.imagefolder import decode
 from resnet_cli.errors import UserError
 
 CLASSES = ["red", "green"]
-SMALL = dict(image_size=16, resize=16, batch_size=4, val_batch_size=4, num_workers=0, seed=0)
+# The per-image DataLoader path: bad files surface while iterating (the memory path decodes them at start-up).
+SMALL = dict(image_size=16, resize=16, batch_size=4, val_batch_size=4, num_workers=0, seed=0, loader="dataloader")
 
 
 def _png(mode_image: Image.Image) -> bytes:

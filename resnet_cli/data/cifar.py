@@ -68,7 +68,7 @@ def _cifar(name: str, *, root: str, url: str, md5: str, download: bool, loader: 
     folder = fetch_and_extract(url, root, folder_name, md5=md5, download=download)
     class_names = [_text(n) for n in read_pickle(folder / meta_file)[names_key]]
     train, val = load_cifar(folder, train_files, label_key), load_cifar(folder, test_files, label_key)
-    summary = array_summary(name, train, val, len(class_names), loader, device)
+    summary = array_summary(name, train, val, len(class_names))
     return make_bundle(class_names, train, val, loader=loader, device=device, summary=summary, **options)
 
 

@@ -39,6 +39,8 @@ class DataBundle:
     val: BatchSource
     eval_spec: dict
     summary: str
+    plan: str = ""  # the resolved geometry and loader, each `auto` with its reason (start-up summary)
+    workers: int = 0  # DataLoader worker processes per loader (0 on the in-memory path)
 
 
 def _splitmix(x: np.ndarray) -> np.ndarray:

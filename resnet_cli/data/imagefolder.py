@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +18,13 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 from torchvision.transforms import v2
 
+from resnet_cli.data.cache import FolderCache, stamp
 from resnet_cli.data.contract import DataBundle, mix_seed
 from resnet_cli.data.download import fetch_and_extract
 from resnet_cli.data.loader import BadImagePolicy, BadSample
-from resnet_cli.data.pipeline import ArraySplit, make_bundle
-from resnet_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_rgb
+from resnet_cli.data.pipeline import ArraySplit, device_memory, make_bundle
+from resnet_cli.data.policy import choose_loader, resolve_geometry
+from resnet_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, parse_augment, to_rgb
 from resnet_cli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -35,9 +38,16 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
 
 
+def _open_regular(path: str | os.PathLike) -> Image.Image:
+    # A FIFO, socket or device named like an image would block the read: only regular files are opened.
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError("not a regular file (a FIFO, socket or device)")
+    return Image.open(path)
+
+
 def decode(path: str | os.PathLike) -> Image.Image:
-    """Fully decode an image file into RGB (raises on unreadable, corrupt or truncated files)."""
-    with Image.open(path) as img:
+    """Fully decode an image file into RGB (raises on unreadable, corrupt, truncated or non-regular files)."""
+    with _open_regular(path) as img:
         img.load()  # decode now, inside the caller's error handling, not lazily in a transform
         return to_rgb(img)
 
@@ -127,7 +137,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _header(path: Path) -> tuple[int, int]:
-    with Image.open(path) as img:  # reads the header only: cheap enough for every file at start-up
+    with _open_regular(path) as img:  # reads the header only: cheap enough for every file at start-up
         return img.size
 
 
@@ -151,7 +161,7 @@ def channel_stats(root: Path, paths: list[str], size: int = 64) -> tuple[list[fl
     return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]
 
 
-def _sizes(root: Path, items: list[Item], policy: BadImagePolicy) -> tuple[list[Item], str]:
+def _sizes(root: Path, items: list[Item], policy: BadImagePolicy) -> tuple[list[Item], list[tuple[int, int]]]:
     # Read every header: catches empty, non-image and unreadable files before training starts.
     kept, sizes = [], []
     for rel, label in items:
@@ -160,11 +170,15 @@ def _sizes(root: Path, items: list[Item], policy: BadImagePolicy) -> tuple[list[
             kept.append((rel, label))
         except Exception as exc:  # noqa: BLE001  reported through the policy with the file name
             policy(str(root / rel), _reason(exc))
+    return kept, sizes
+
+
+def _size_range(sizes: list[tuple[int, int]]) -> str:
     if not sizes:
-        return kept, "no readable images"
+        return "no readable images"
     w, h = np.array(sizes).T
     lo, hi = f"{w.min()}x{h.min()}", f"{w.max()}x{h.max()}"
-    return kept, f"sizes {lo}" if lo == hi else f"sizes {lo}..{hi}"
+    return f"sizes {lo}" if lo == hi else f"sizes {lo}..{hi}"
 
 
 def _verify(root: Path, items: list[Item], policy: BadImagePolicy) -> list[Item]:
@@ -249,9 +263,9 @@ def folder_bundle(
     if vscan is None:
         if manifest.get("train") is None:
             train_files, val_files = stratified_split({c: tscan.files[c] for c in classes}, val_fraction, split_seed)
+            # Saved by files_bundle once the data has loaded: a failed run leaves nothing in the data folder.
             manifest = {"version": MANIFEST_VERSION, "val_fraction": val_fraction, "split_seed": split_seed,
                         "classes": classes, "train": train_files, "val": val_files}
-            _write_json(manifest_path, manifest)
         on_disk = {p for c in classes for p in tscan.files[c]}
         listed = set(manifest["train"]) | set(manifest["val"])
         if listed - on_disk:
@@ -267,6 +281,9 @@ def folder_bundle(
         val_items = [(p, index[c]) for c in classes for p in vscan.files[c]]
         if vscan.empty:
             notes.append(f"empty val class folders: {', '.join(vscan.empty)}")
+    if len(classes) < 2:
+        raise UserError(f"{train_dir}: only one class folder with images ({classes[0]}); a classifier needs at least "
+                        f"two, one folder of images per class")
     non_images = tscan.non_images + (vscan.non_images if vscan else [])
     if non_images:
         for p in non_images:
@@ -289,22 +306,37 @@ def files_bundle(
     on_bad_image: str = "error",
     max_bad_images: int = 0,
     verify_images: bool = False,
-    loader: str = "dataloader",
-    image_size: int = 224,
-    resize: int | None = None,
+    loader: str = "auto",
+    image_size: int | str = "auto",
+    auto_max_size: int = 224,
+    resize: int | str | None = "auto",
+    crop: str = "auto",
+    pad: int | str = "auto",
     cache_size: int | None = None,
+    augment: str = "standard",
+    memory_budget: float = 0.25,
     mean: Sequence[float] | str = IMAGENET_MEAN,
     std: Sequence[float] | str = IMAGENET_STD,
     device: Any = "cpu",
     **options: Any,
 ) -> DataBundle:
-    """Check the listed image files (headers, optionally full decodes), then build either loader over them."""
+    """Check the listed image files (headers, optionally full decodes), resolve the geometry, build either loader."""
     policy = BadImagePolicy(on_bad_image, max_bad_images)
-    notes, manifest = list(notes or []), manifest if manifest is not None else {}
-    train_items, sizes = _sizes(root, train_items, policy)
-    val_items, _ = _sizes(root, val_items, policy)
-    if verify_images:
-        train_items, val_items = _verify(root, train_items, policy), _verify(root, val_items, policy)
+    notes, manifest = list(notes or []), dict(manifest or {})
+    saved_manifest = _read_json(manifest_path) if manifest_path is not None else None
+    cache = FolderCache(manifest_path.parent if manifest_path else root,
+                        stamp(root, train_items, val_items))
+    scanned = None if verify_images else cache.scanned()
+    if scanned:  # nothing changed since a run saved this scan: no header is read again
+        train_items, val_items = [tuple(i) for i in scanned["train"]], [tuple(i) for i in scanned["val"]]
+        train_sizes = [tuple(s) for s in scanned["sizes"]]
+        for path, reason in scanned["skipped"].items():
+            policy(path, reason)
+    else:
+        train_items, train_sizes = _sizes(root, train_items, policy)
+        val_items, _ = _sizes(root, val_items, policy)
+        if verify_images:
+            train_items, val_items = _verify(root, train_items, policy), _verify(root, val_items, policy)
     if not train_items:
         raise UserError(f"{root}: no readable training images")
     if not val_items:
@@ -314,28 +346,52 @@ def files_bundle(
         if manifest.get("mean") is None:
             manifest["mean"], manifest["std"] = channel_stats(root, [p for p, _ in train_items])
             manifest.setdefault("version", MANIFEST_VERSION)
-            if manifest_path is not None:
-                _write_json(manifest_path, manifest)
         mean = manifest["mean"] if mean == "auto" else mean
         std = manifest["std"] if std == "auto" else std
 
-    resize = resize or round(image_size * 8 / 7)
-    options.setdefault("crop", "resized")
+    geometry = resolve_geometry(image_size, resize=resize, crop=crop, pad=pad, native=train_sizes,
+                                auto_max_size=auto_max_size)
+    side = int(cache_size) if cache_size else geometry.cache_size
+    names = parse_augment(augment)
+    dev = torch.device(device)
+    cache_bytes = (len(train_items) + len(val_items)) * 3 * side * side
+    loader, loader_why = choose_loader(loader, names, cache_bytes, memory_budget, dev, device_memory(dev))
+    fresh: dict[str, ArraySplit] = {}  # decoded by this run: saved to the cache once the bundle is built
     if loader == "memory":
-        # Cached once at a fixed resolution; the random crop then translates inside it.
-        cache_size = cache_size or resize
-        train_set, val_set = _cache(root, train_items, cache_size, policy), _cache(root, val_items, cache_size, policy)
-        options.setdefault("pad", 0)
-        where = f"memory loader, uint8 cache {cache_size}px {(train_set.images.numel() + val_set.images.numel()) / 2**20:.0f} MiB"
+        train_set, val_set = (_decoded(cache, root, split, items, side, policy, fresh)
+                              for split, items in (("train", train_items), ("val", val_items)))
+        notes.append(f"decoded cache {side} px: " + (f"miss, decoded {', '.join(fresh)}" if fresh else "hit, no image opened"))
     else:
         train_set, val_set = ImageFiles(root, train_items), ImageFiles(root, val_items)
-        where = "dataloader"
     if policy.skipped:
         notes.append(f"{len(policy.skipped)} bad images skipped")
-    summary = (f"{name}: {len(classes)} classes, train {len(train_items)} / val {len(val_items)} images, {sizes}, "
-               f"{where}; {_per_class(classes, train_items, val_items)}" + "".join(f"; {n}" for n in notes))
-    return make_bundle(classes, train_set, val_set, loader=loader, device=device, image_size=image_size,
-                       resize=resize, mean=mean, std=std, bad_policy=policy, summary=summary, **options)
+    summary = (f"{name}: {len(classes)} classes, train {len(train_items)} / val {len(val_items)} images, "
+               f"{_size_range(train_sizes)}; {_per_class(classes, train_items, val_items)}"
+               + "".join(f"; {n}" for n in notes))
+    bundle = make_bundle(classes, train_set, val_set, loader=loader, device=device, geometry=geometry,
+                         loader_why=loader_why, mean=mean, std=std, augment=augment, memory_budget=memory_budget,
+                         bad_policy=policy, summary=summary, **options)
+    # Written only now that the data has loaded, so a failed start leaves the data folder as it was.
+    if manifest_path is not None and manifest and manifest != saved_manifest:
+        _write_json(manifest_path, manifest)
+    if not scanned:
+        cache.save_scan({"train": train_items, "val": val_items, "sizes": train_sizes, "skipped": dict(policy.skipped)})
+    for split, arr in fresh.items():
+        cache.save_array(split, side, arr.images)
+    return bundle
+
+
+def _decoded(cache: FolderCache, root: Path, split: str, items: list[Item], side: int, policy: BadImagePolicy,
+             fresh: dict[str, ArraySplit]) -> ArraySplit:
+    """A split's uint8 images from the cache, or decoded now (then listed in `fresh` when every item decoded)."""
+    labels = torch.tensor([c for _, c in items], dtype=torch.long)
+    images = cache.array(split, side)
+    if images is not None and len(images) == len(items):
+        return ArraySplit(images, labels)
+    arr = _cache(root, items, side, policy)
+    if len(arr.labels) == len(items):  # a file that failed to decode is skipped, not cached
+        fresh[split] = arr
+    return arr
 
 
 def imagefolder(*, root: str | None = None, **options: Any) -> DataBundle:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
+import math
+
 import torch
+from torchvision.ops import roi_align
 
 from resnet_cli.data.contract import Batch, epoch_order, generator, mix_seed, num_batches, shard
 from resnet_cli.data.transforms import BatchMixer
@@ -16,7 +19,12 @@ PAD_MODES = ("reflect", "constant", "edge")
 class MemorySource:
     """A BatchSource over one uint8 NCHW tensor, augmenting whole batches with torch ops on its device.
 
-    Every random choice for a sample (crop offset, flip, cutout centre) is drawn per
+    Two crop rules: `pad` (pad, then a random crop of `image_size`: the CIFAR recipe) and
+    `resized` (torchvision's RandomResizedCrop: a box of random area `scale` and aspect
+    `ratio`, resampled to `image_size` by bilinear `roi_align` on the whole batch).
+    Evaluation takes the centre `image_size` crop of the stored images.
+
+    Every random choice for a sample (crop box, flip, cutout centre) is drawn per
     epoch for all samples at once from a generator seeded by (seed, epoch), and looked
     up by the sample's index, so it depends only on the seed, the epoch and the index:
     not on the batch size, the rank count or where an epoch was resumed.
@@ -35,6 +43,9 @@ class MemorySource:
         drop_last: bool = True,
         augment: bool = True,
         image_size: int | None = None,
+        crop: str = "pad",
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
         pad: int = 0,
         pad_mode: str = "reflect",
         flip: bool = True,
@@ -51,13 +62,18 @@ class MemorySource:
         self.images, self.labels = images, labels.to(images.device, torch.long)
         self.device = images.device
         self.size = image_size or h
-        if self.size > min(h, w) + 2 * pad:
+        # A resized crop resamples to any size; a padded or a centre crop must fit inside the stored images.
+        room = min(h, w) + (2 * pad if train and augment and crop == "pad" else 0)
+        if self.size > room and not (train and augment and crop == "resized"):
             raise UserError(f"dataset.image_size={self.size} is larger than the stored {h}x{w} images plus padding")
+        if crop not in ("pad", "resized"):
+            raise UserError(f"dataset.crop: unknown value '{crop}'; use pad or resized")
+        self.crop, self.scale, self.ratio = crop, tuple(float(v) for v in scale), tuple(float(v) for v in ratio)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size
         self.drop_last = drop_last and train
         self.augment = augment and train
-        self.pad = pad if self.augment else 0
+        self.pad = pad if self.augment and crop == "pad" else 0
         self.pad_mode, self.flip, self.cutout = pad_mode, flip, cutout if self.augment else 0
         self.mixer = mixer if train else None
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
@@ -84,6 +100,8 @@ class MemorySource:
             return
         # Drawn on CPU so a CUDA run and a CPU run see the same numbers.
         g = generator(self.seed, epoch, 0xA06)
+        if self.crop == "resized":
+            self.boxes = _resized_crop_boxes(n, h, w, self.scale, self.ratio, g).to(self.device)
         self.dy = torch.randint(0, h + 2 * self.pad - self.size + 1, (n,), generator=g).to(self.device)
         self.dx = torch.randint(0, w + 2 * self.pad - self.size + 1, (n,), generator=g).to(self.device)
         self.flipped = (torch.randint(0, 2, (n,), generator=g) == 1).to(self.device) & self.flip
@@ -105,6 +123,8 @@ class MemorySource:
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
         """The normalized float batch for sample indices `idx` (on the device), augmented if training."""
         _, _, h, w = self.images.shape
+        if self.augment and self.crop == "resized":
+            return self._resized(idx)
         if self.augment:
             rows = self._ar + (self.dy[idx] - self.pad)[:, None]
             cols = self._ar + (self.dx[idx] - self.pad)[:, None]
@@ -129,6 +149,17 @@ class MemorySource:
             x = self._cut(x, idx)
         return x
 
+    def _resized(self, idx: torch.Tensor) -> torch.Tensor:
+        # One roi_align over the batch resamples every sample's box (aligned=True: pixel centres at +0.5;
+        # adaptive sampling averages about one point per source pixel, so shrinking boxes is antialiased).
+        x = self.images[idx].float()
+        boxes = torch.cat([torch.arange(len(idx), device=self.device, dtype=torch.float32)[:, None],
+                           self.boxes[idx]], 1)
+        x = roi_align(x, boxes, output_size=self.size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+        x = torch.where(self.flipped[idx][:, None, None, None], x.flip(3), x)
+        x = x.mul_(self._scale).add_(self._bias)
+        return self._cut(x, idx) if self.cutout else x
+
     def _fold(self, s: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Map source coordinates that fall in the padding back into the image.
         if self.pad == 0:
@@ -147,3 +178,37 @@ class MemorySource:
         in_y = (self._ar >= lo_y) & (self._ar < lo_y + self.cutout)
         in_x = (self._ar >= lo_x) & (self._ar < lo_x + self.cutout)
         return x.masked_fill_((in_y[:, :, None] & in_x[:, None, :])[:, None], 0.0)
+
+
+def _resized_crop_boxes(n: int, h: int, w: int, scale: Sequence[float], ratio: Sequence[float],
+                        g: torch.Generator) -> torch.Tensor:
+    """[n, 4] float boxes (x1, y1, x2, y2) drawn as torchvision's RandomResizedCrop.get_params draws them.
+
+    Ten tries per sample of area ~ U(scale) and log-aspect ~ U(log ratio); the first box that fits
+    is kept, else the centre crop of the clamped aspect (torchvision's fallback).
+    """
+    tries = 10
+    area = h * w * torch.empty(n, tries).uniform_(scale[0], scale[1], generator=g)
+    aspect = torch.exp(torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g))
+    bw = torch.sqrt(area * aspect).round()
+    bh = torch.sqrt(area / aspect).round()
+    fits = (bw > 0) & (bw <= w) & (bh > 0) & (bh <= h)
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((n,), -1))
+    pick = first.clamp_min(0)[:, None]
+    bw, bh = bw.gather(1, pick).squeeze(1), bh.gather(1, pick).squeeze(1)
+    u = torch.rand(n, 2, generator=g)
+    y1 = torch.floor(u[:, 0] * (h - bh + 1))
+    x1 = torch.floor(u[:, 1] * (w - bw + 1))
+    # Fallback: the whole image at the nearest allowed aspect, centred.
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        fw, fh = w, round(w / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(h * ratio[1]), h
+    else:
+        fw, fh = w, h
+    none = first < 0
+    bw, bh = torch.where(none, float(fw), bw), torch.where(none, float(fh), bh)
+    x1 = torch.where(none, float((w - fw) // 2), x1)
+    y1 = torch.where(none, float((h - fh) // 2), y1)
+    return torch.stack([x1, y1, x1 + bw, y1 + bh], 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -10,10 +11,9 @@ from torch.utils.data import Dataset
 from resnet_cli.data.contract import DataBundle
 from resnet_cli.data.loader import BadImagePolicy, LoaderSource
 from resnet_cli.data.memory import MemorySource
+from resnet_cli.data.policy import Geometry, choose_loader, resolve_geometry
 from resnet_cli.data.transforms import build_eval_transform, build_train_transform, make_mixer, parse_augment
 from resnet_cli.errors import UserError
-
-LOADERS = ("memory", "dataloader")
 
 
 class ArraySplit(NamedTuple):
@@ -47,61 +47,99 @@ def make_bundle(
     world_size: int = 1,
     batch_size: int = 128,
     val_batch_size: int | None = None,
-    num_workers: int = 2,
-    image_size: int = 32,
-    loader: str = "memory",
+    num_workers: int | str = "auto",
+    image_size: int | str = 32,
+    loader: str = "auto",
     augment: str = "standard",
-    crop: str = "pad",
-    pad: int = 4,
+    crop: str = "auto",
+    pad: int | str = "auto",
     pad_mode: str = "reflect",
-    scale: Sequence[float] = (0.08, 1.0),
-    resize: int | None = None,
+    scale: Sequence[float] = (0.5, 1.0),
+    resize: int | str | None = "auto",
     cutout: int = 0,
     mixup_alpha: float = 0.0,
     cutmix_alpha: float = 0.0,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.5, 0.5, 0.5),
     drop_last: bool = True,
+    memory_budget: float = 0.25,
+    geometry: Geometry | None = None,
+    loader_why: str | None = None,
     bad_policy: BadImagePolicy | None = None,
     summary: str = "",
 ) -> DataBundle:
-    """Build the train/val BatchSources for `loader` and wrap them with the eval spec and summary."""
-    if loader not in LOADERS:
-        raise UserError(f"dataset.loader: unknown value '{loader}'; use memory or dataloader")
+    """Build the train/val BatchSources for `loader` and wrap them with the eval spec and summary.
+
+    `geometry` and `loader` (with `loader_why`) come resolved from builders that needed them
+    before decoding (image folders); for in-memory arrays they are resolved here.
+    """
     if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
         raise UserError("dataset.batch_size and dataset.val_batch_size must be >= 1")
-    names = parse_augment(augment, loader)
+    names = parse_augment(augment)
     device = torch.device(device)
+    arrays = isinstance(train, ArraySplit) and isinstance(val, ArraySplit)
+    if geometry is None:
+        native = [tuple(train.images.shape[:1:-1])] if arrays else []
+        geometry = resolve_geometry(image_size, resize=resize, crop=crop, pad=pad, native=native)
+    held = train.images.numel() + val.images.numel() if arrays else 0
+    if loader_why is None:  # not yet chosen by a builder that had to decide before decoding
+        loader, loader_why = choose_loader(loader, names, held, memory_budget, device, device_memory(device))
+    if loader == "memory" and not arrays:
+        raise UserError("dataset.loader=memory needs a dataset that can be cached in memory")
     mean, std = [float(m) for m in mean], [float(s) for s in std]
-    resize = resize or image_size
+    size = geometry.image_size
     mixer = make_mixer(len(class_names), mixup_alpha, cutmix_alpha)
     common = dict(seed=seed, rank=rank, world_size=world_size)
     if loader == "memory":
-        if not (isinstance(train, ArraySplit) and isinstance(val, ArraySplit)):
-            raise UserError("dataset.loader=memory needs a dataset that can be cached in memory")
-        kw = dict(image_size=image_size, mean=mean, std=std, **common)
+        kw = dict(image_size=size, crop=geometry.crop, scale=scale, mean=mean, std=std, **common)
         train_src = MemorySource(
             train.images.to(device), train.labels, batch_size=batch_size, train=True, drop_last=drop_last,
-            augment=names != ["none"], pad=pad, pad_mode=pad_mode, cutout=cutout, mixer=mixer, **kw,
+            augment=names != ["none"], pad=geometry.pad, pad_mode=pad_mode, cutout=cutout, mixer=mixer, **kw,
         )
         val_src = MemorySource(val.images.to(device), val.labels, batch_size=val_batch_size or batch_size, train=False, **kw)
+        workers = 0
     else:
-        kw = dict(num_workers=num_workers, pin_memory=device.type == "cuda", bad_policy=bad_policy, **common)
+        workers = resolve_workers(num_workers)
+        kw = dict(num_workers=workers, pin_memory=device.type == "cuda", bad_policy=bad_policy, **common)
         train_tf = build_train_transform(
-            names, image_size=image_size, crop=crop, pad=pad, pad_mode=pad_mode, scale=scale,
+            names, image_size=size, crop=geometry.crop, pad=geometry.pad, pad_mode=pad_mode, scale=scale,
             cutout=cutout, mean=mean, std=std,
         )
-        val_tf = build_eval_transform(resize, image_size, mean, std)
+        val_tf = build_eval_transform(geometry.resize, size, mean, std)
         as_ds = lambda s: TensorImages(s) if isinstance(s, ArraySplit) else s  # noqa: E731
         train_src = LoaderSource(as_ds(train), train_tf, batch_size=batch_size, train=True, drop_last=drop_last, mixer=mixer, **kw)
         val_src = LoaderSource(as_ds(val), val_tf, batch_size=val_batch_size or batch_size, train=False, **kw)
-    eval_spec = {"resize": int(resize), "crop": int(image_size), "mean": mean, "std": std}
-    return DataBundle(list(class_names), train_src, val_src, eval_spec, summary)
+    eval_spec = {"resize": int(geometry.resize), "crop": int(size), "mean": mean, "std": std}
+    plan = (f"{geometry.describe()}; loader {loader} ({loader_why})"
+            + (f", {workers} workers" if loader == "dataloader" else ""))
+    return DataBundle(list(class_names), train_src, val_src, eval_spec, summary, plan=plan, workers=workers)
 
 
-def array_summary(name: str, train: ArraySplit, val: ArraySplit, classes: int, loader: str, device: Any) -> str:
-    """One line: split sizes, image size, loader and the bytes the uint8 images hold."""
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory on a CUDA device (0 for the CPU: the caller uses RAM)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def resolve_workers(num_workers: int | str) -> int:
+    """dataset.num_workers: auto = one worker per usable core beyond the first, at most 8."""
+    if str(num_workers).lower() == "auto":
+        return min(8, max(0, usable_cores() - 1))
+    if int(num_workers) < 0:
+        raise UserError(f"dataset.num_workers={num_workers} must be >= 0 or auto")
+    return int(num_workers)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def array_summary(name: str, train: ArraySplit, val: ArraySplit, classes: int) -> str:
+    """One line: split sizes, classes and image size."""
     n, c, h, w = train.images.shape
-    held = (train.images.numel() + val.images.numel()) / 2**20
-    where = f"memory loader on {torch.device(device)}, uint8 {held:.0f} MiB" if loader == "memory" else "dataloader"
-    return f"{name}: train {n} / val {len(val.labels)} images, {classes} classes, {h}x{w}, {where}"
+    return f"{name}: train {n} / val {len(val.labels)} images, {classes} classes, {h}x{w}"

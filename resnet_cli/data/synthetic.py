@@ -83,5 +83,5 @@ def shapes(
         raise UserError("dataset.image_size must be >= 8 and dataset.num_train/num_val >= 1")
     options = {"pad": 2, "mean": (0.5, 0.5, 0.5), "std": (0.3, 0.3, 0.3), **options}
     train, val = generate_shapes(num_train, image_size, 0), generate_shapes(num_val, image_size, 1)
-    summary = array_summary("shapes", train, val, len(CLASS_NAMES), loader, device)
+    summary = array_summary("shapes", train, val, len(CLASS_NAMES))
     return make_bundle(CLASS_NAMES, train, val, image_size=image_size, loader=loader, device=device, summary=summary, **options)

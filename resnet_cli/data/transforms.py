@@ -76,10 +76,9 @@ PRESETS: dict[str, Callable[[int], tuple[list, list]]] = {
     "colorjitter": lambda size: ([v2.ColorJitter(0.4, 0.4, 0.4)], []),
     "randomerasing": lambda size: ([], [v2.RandomErasing(p=0.25)]),
 }
-MEMORY_PRESETS = ("none", "standard")
 
 
-def parse_augment(augment: str, loader: str) -> list[str]:
+def parse_augment(augment: str) -> list[str]:
     """Split 'a+b' into known preset names, or raise a UserError naming the bad one."""
     names = [n.strip().lower() for n in str(augment).split("+") if n.strip()] or ["none"]
     for name in names:
@@ -87,11 +86,6 @@ def parse_augment(augment: str, loader: str) -> list[str]:
             raise UserError(
                 f"dataset.augment: unknown preset '{name}'{did_you_mean(name, list(PRESETS))}; "
                 f"choose from {', '.join(PRESETS)} (combine with '+')"
-            )
-        if loader == "memory" and name not in MEMORY_PRESETS:
-            raise UserError(
-                f"dataset.augment={augment} needs dataset.loader=dataloader; the in-memory path "
-                f"offers {', '.join(MEMORY_PRESETS)} plus dataset.cutout, mixup_alpha and cutmix_alpha"
             )
     return names
 

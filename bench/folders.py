@@ -1,0 +1,236 @@
+"""Image folders that look like what users bring, written to disk, and resnet-train against a hand loop on each.
+
+    python bench/folders.py [--root /tmp/rcli-folders] [--epochs 6] [--only glyphs32,photos224] [--scale 1.0]
+
+Every folder is built from real, offline sources: digits rendered from the TrueType/OpenType
+fonts installed on the machine (Debian's font packages; with random affine, blur, noise, colour
+and texture), at native sizes 28 to ~600 px, and the embedded `shapes` set written out as PNG.
+On each folder it runs, one after the other in this process's machine:
+
+- `resnet-train dataset=imagefolder dataset.root=DIR trainer.epochs=E` (defaults only), and
+- `bench/hand_loop.py DIR E`: the 30-line loop a user would otherwise write (torchvision
+  resnet18, Adam 1e-3, batch 100, pad-4 random crop + flip, DataLoader with 2 workers),
+
+timing each epoch's end from process start, and prints one table: folder, native size,
+images, best val accuracy of each, wall time of each to first reach the hand loop's final
+accuracy, and the ratios. `build_folder` is also what the tests use for their small fixtures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+HERE = Path(__file__).resolve().parent
+DIGITS = "0123456789"
+
+
+def font_files() -> list[Path]:
+    """The scalable fonts installed on this machine (sorted, so a folder is the same on the same machine)."""
+    roots = [Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), Path.home() / ".fonts"]
+    found = sorted({p for r in roots if r.is_dir() for p in r.rglob("*") if p.suffix.lower() in (".ttf", ".otf")})
+    # Symbol and math fonts have no ordinary digits.
+    found = [p for p in found if not re.search(r"(?i)math|symbol|dingbat|emoji|d050000l", p.name)]
+    if not found:
+        raise SystemExit("no TrueType/OpenType fonts found: apt-get install fonts-dejavu-core (or any font package)")
+    return found
+
+
+def _background(rng: np.random.Generator, side: int, color: np.ndarray) -> Image.Image:
+    # Flat colour, a gradient or a blurred noise texture: what surrounds digits in real photos and scans.
+    kind = rng.integers(3)
+    base = np.ones((side, side, 3)) * color
+    if kind == 1:
+        ramp = np.linspace(-1, 1, side)[:, None] * rng.uniform(-40, 40, 3)
+        base = base + (ramp[:, None, :] if rng.random() < 0.5 else ramp[None, :, :])
+    elif kind == 2:
+        noise = rng.normal(0, rng.uniform(8, 25), (side // 8 + 1, side // 8 + 1, 3))
+        noise = np.asarray(Image.fromarray(np.clip(noise + 128, 0, 255).astype(np.uint8)).resize((side, side), Image.BICUBIC),
+                           dtype=np.float64) - 128
+        base = base + noise
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def render_digit(digit: int, size: int, rng: np.random.Generator, fonts: list[Path], *, gray: bool = False) -> Image.Image:
+    """One digit at `size` px: random font, scale, offset, rotation, shear, colours, blur and noise."""
+    side = max(64, size) * 2  # drawn large, then resized: antialiased like a real photo or scan
+    font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), int(side * rng.uniform(0.75, 1.0)))
+    if gray:  # MNIST-like: light strokes on a dark ground
+        fg, bg = np.array([rng.uniform(180, 255)] * 3), np.array([rng.uniform(0, 50)] * 3)
+    else:
+        bg = rng.uniform(0, 255, 3)
+        fg = rng.uniform(0, 255, 3)
+        while np.abs(fg - bg).mean() < 100:  # legible, as digits on signs and forms are
+            fg = rng.uniform(0, 255, 3)
+    img = _background(rng, side, bg) if not gray else Image.new("RGB", (side, side), tuple(int(v) for v in bg))
+    layer = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(layer)
+    cx, cy = side / 2 + rng.uniform(-0.06, 0.06) * side, side / 2 + rng.uniform(-0.06, 0.06) * side
+    draw.text((cx, cy), DIGITS[digit], font=font, fill=255, anchor="mm")
+    if rng.random() < 0.2:  # a neighbour digit cut by the border, as in house-number crops
+        other = DIGITS[rng.integers(10)]
+        dx = side * rng.choice([-0.62, 0.62])
+        draw.text((cx + dx, cy), other, font=font, fill=int(rng.uniform(120, 255)), anchor="mm")
+    angle, shear = rng.uniform(-10, 10), rng.uniform(-0.15, 0.15)
+    layer = layer.rotate(angle, resample=Image.BILINEAR)
+    layer = layer.transform(layer.size, Image.AFFINE, (1, shear, -shear * side / 2, 0, 1, 0), resample=Image.BILINEAR)
+    img.paste(Image.new("RGB", img.size, tuple(int(v) for v in fg)), (0, 0), layer)
+    img = img.resize((size, size), Image.LANCZOS)
+    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.6) * size / 32))
+    arr = np.asarray(img, dtype=np.float64) + rng.normal(0, rng.uniform(0, 8), (size, size, 3))
+    out = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return out.convert("L") if gray else out
+
+
+@dataclass(frozen=True)
+class FolderSpec:
+    """One benchmark folder: what it holds and how it is laid out on disk."""
+
+    name: str
+    source: str  # digits | shapes
+    size: int | tuple[int, int]  # native side in px, or a (min, max) range of sides (photos of mixed size)
+    train: int  # images in train/ (or, with split=False, in total)
+    val: int
+    split: bool = True  # True: train/ and val/ folders; False: one set of class folders split by resnet-train
+    fmt: str = "png"
+    gray: bool = False
+
+
+SPECS = [
+    FolderSpec("digits28", "digits", 28, 1200, 300, gray=True),
+    FolderSpec("glyphs32", "digits", 32, 1438, 359),
+    FolderSpec("shapes32", "shapes", 32, 1000, 250),
+    FolderSpec("glyphs64", "digits", 64, 500, 0, split=False),
+    FolderSpec("glyphs128", "digits", 128, 600, 0, split=False, fmt="jpg"),
+    FolderSpec("photos400-600", "digits", (400, 600), 360, 0, split=False, fmt="jpg"),
+]
+
+
+def _images(spec: FolderSpec, n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    if spec.source == "shapes":
+        import torch  # only the shapes source needs it
+
+        from resnet_cli.data.synthetic import CLASS_NAMES, generate_shapes
+
+        split = generate_shapes(n, int(spec.size), key=seed)
+        for img, label in zip(split.images.permute(0, 2, 3, 1).numpy(), split.labels.tolist()):
+            yield CLASS_NAMES[label].replace(" ", "_"), Image.fromarray(img)
+        del torch
+        return
+    fonts = font_files()
+    for i in range(n):
+        digit = i % 10
+        size = spec.size if isinstance(spec.size, int) else int(rng.integers(spec.size[0], spec.size[1] + 1))
+        img = render_digit(digit, size, rng, fonts, gray=spec.gray)
+        if not isinstance(spec.size, int):  # photos are rarely square
+            w = int(size * rng.uniform(1.0, 1.5))
+            img = img.resize((w, size), Image.BICUBIC) if rng.random() < 0.5 else img.resize((size, w), Image.BICUBIC)
+        yield f"digit_{digit}", img
+
+
+def build_folder(root: Path, spec: FolderSpec, seed: int = 0) -> Path:
+    """Write `spec` under root/spec.name (skipped when already complete); returns the folder."""
+    folder = Path(root) / spec.name
+    done = folder / ".complete"
+    if done.exists():
+        return folder
+    parts = [("train", spec.train, seed), ("val", spec.val, seed + 1)] if spec.split else [("", spec.train, seed)]
+    for sub, n, s in parts:
+        for i, (cls, img) in enumerate(_images(spec, n, s)):
+            path = folder / sub / cls / f"{i:05d}.{spec.fmt}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img.save(path, quality=90) if spec.fmt == "jpg" else img.save(path)
+    done.write_text("ok\n")
+    return folder
+
+
+def _timed_run(cmd: list[str], pattern: re.Pattern, env: dict, log_path: Path) -> tuple[list[tuple[float, float]], int]:
+    """Run cmd; for every output line matching `pattern` (groups: epoch, val acc) record (seconds since start, acc)."""
+    start = time.perf_counter()
+    points = []
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for line in proc.stdout:
+            log_file.write(line)
+            m = pattern.search(line)
+            if m:
+                points.append((time.perf_counter() - start, float(m.group(2))))
+        rc = proc.wait()
+    return points, rc
+
+
+# resnet-train's per-epoch table: epoch, train_loss, train_acc, val_loss, val_acc, ...
+TABLE_ROW = re.compile(r"\]\s*-\s+(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.naif]+\s+([\d.]+)\s")
+HAND_ROW = re.compile(r"^epoch (\d+) val_acc ([\d.]+)")
+
+
+def time_to(points: list[tuple[float, float]], target: float) -> float:
+    """Seconds until the first epoch whose val accuracy reached `target` (inf if never)."""
+    return next((t for t, acc in points if acc >= target - 1e-9), math.inf)
+
+
+def bench_folder(folder: Path, epochs: int, out: Path, extra: list[str]) -> dict:
+    """resnet-train (defaults) and the hand loop on one folder; their per-epoch (time, accuracy) points."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("OMP_NUM_THREADS", None)  # both get the machine as a user's shell gives it
+    train_cmd = [str(Path(sys.executable).parent / "resnet-train"), "dataset=imagefolder", f"dataset.root={folder}",
+                 f"trainer.epochs={epochs}", f"output_root={out / 'outputs'}", *extra]
+    hand_cmd = [sys.executable, str(HERE / "hand_loop.py"), str(folder), str(epochs)]
+    ours, rc1 = _timed_run(train_cmd, TABLE_ROW, env, out / f"{folder.name}.resnet-train.log")
+    hand, rc2 = _timed_run(hand_cmd, HAND_ROW, env, out / f"{folder.name}.hand.log")
+    if rc1 or rc2 or len(ours) != epochs or len(hand) != epochs:
+        raise SystemExit(f"{folder.name}: a run failed (resnet-train rc {rc1}, {len(ours)} epochs; hand loop rc {rc2}, "
+                         f"{len(hand)} epochs); see the logs in {out}")
+    return {"ours": ours, "hand": hand}
+
+
+def main() -> None:
+    """Build the folders, run both trainers on each, print the table (and save it as JSON)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=Path("/tmp/rcli-folders"))
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--only", default="", help="comma-separated folder names (default: all)")
+    ap.add_argument("--extra", default="", help="extra resnet-train overrides, space-separated")
+    args = ap.parse_args()
+    specs = [s for s in SPECS if not args.only or s.name in args.only.split(",")]
+    out = args.root / "runs"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for spec in specs:
+        folder = build_folder(args.root, spec)
+        res = bench_folder(folder, args.epochs, out, args.extra.split())
+        target = res["hand"][-1][1]
+        t_ours, t_hand = time_to(res["ours"], target), time_to(res["hand"], target)
+        images = sum(1 for _ in folder.rglob("*") if _.suffix in (".png", ".jpg"))
+        size = spec.size if isinstance(spec.size, int) else f"{spec.size[0]}-{spec.size[1]}"
+        rows.append({"folder": spec.name, "size": size, "images": images,
+                     "acc_ours": max(a for _, a in res["ours"]), "acc_hand": max(a for _, a in res["hand"]),
+                     "final_hand": target, "time_ours": t_ours, "time_hand": t_hand,
+                     "wall_ours": res["ours"][-1][0], "wall_hand": res["hand"][-1][0]})
+        print(f"{spec.name}: ours {res['ours']}\n{spec.name}: hand {res['hand']}", flush=True)
+    (out / "table.json").write_text(json.dumps(rows, indent=1))
+    print()
+    print("| folder | native px | images | best val acc resnet-train | best val acc hand loop | "
+          "time to hand loop's final acc: resnet-train | hand loop | ratio | total wall: resnet-train | hand loop |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = r["time_ours"] / r["time_hand"]
+        print(f"| {r['folder']} | {r['size']} | {r['images']} | {r['acc_ours']:.3f} | {r['acc_hand']:.3f} | "
+              f"{r['time_ours']:.0f} s | {r['time_hand']:.0f} s | **{ratio:.2f}x** | {r['wall_ours']:.0f} s | "
+              f"{r['wall_hand']:.0f} s |")
+
+
+if __name__ == "__main__":
+    main()
