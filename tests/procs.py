@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,14 @@ import pytest
 TAG_ENV = "RESNET_CLI_TEST_TAG"
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads process trees from /proc")
+
+
+@dataclass
+class Tracked:
+    """A test's process tag and the process groups it started (the ones to check for leftovers)."""
+
+    tag: str
+    pgids: set[int] = field(default_factory=set)
 
 
 def new_tag() -> str:
@@ -160,3 +169,43 @@ class Follower:
     def tail(self, chars: int = 3000) -> str:
         """The end of the output, labelled with the process name."""
         return f"--- {self.name} (last {chars} chars) ---\n{self.text()[-chars:]}"
+
+
+def wait_for_file_line(path: Path, pattern: str, timeout: float, owner: Follower, name: str) -> re.Match:
+    """The first line of a log file that matches pattern, polled while `owner` runs (for jobs that log to files)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text() if path.is_file() else ""
+        if m := re.search(pattern, text, re.MULTILINE):
+            return m
+        if owner.proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{name} never printed {pattern!r} in {path} ({owner.name} exit code "
+                        f"{owner.proc.poll()}):\n{text[-2000:]}\n{owner.tail()}")
+        time.sleep(0.1)  # a poll interval of a file that another process appends to, bounded by timeout
+
+
+def holding_open(pids: list[int], path: Path) -> list[int]:
+    """Those of pids that have path open (e.g. the job process writing a run's train.log)."""
+    target = str(path.resolve())
+    found = []
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) == target:
+                    found.append(pid)
+                    break
+            except OSError:
+                continue
+    return found
+
+
+def cmdline(pid: int) -> str:
+    """A process's command line ('' once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
