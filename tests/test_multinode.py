@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, read_metrics
-from procs import Follower, assert_no_leftovers, children, free_port, needs_proc, new_tag, TAG_ENV
+from conftest import REPO, TINY, read_metrics
+from procs import TAG_ENV, Follower, assert_no_leftovers, children, free_port, needs_proc, new_tag
+from test_resume import assert_same_tensors
 
 pytestmark = needs_proc
 
@@ -38,19 +39,24 @@ RUN_TIMEOUT_S = 240
 SURVIVOR_TIMEOUT_S = 90
 
 
-def torchrun_cmd(node_rank: int, port: int) -> list[str]:
-    """One node's launcher line (the README's "two nodes on one box"), without the training overrides.
+def node_flags(node_rank: int, port: int) -> list[str]:
+    """One node's torchrun flags and module, as the README shows them (without the training overrides).
 
     --max_restarts=0: a lost node ends the run (resume restarts it); --rdzv_conf=timeout=60: a node
     whose peer never comes fails after 60 s instead of torchrun's 600; --monitor_interval=1: the
     agent notices a failed worker within a second. A dead peer's Gloo sockets close, so the
     surviving worker's next all-reduce fails at once ("Connection closed by peer").
     """
-    exe = Path(sys.executable).parent / "torchrun"
-    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    return [*launcher, "--nnodes=2", f"--node_rank={node_rank}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+    return ["--nnodes=2", f"--node_rank={node_rank}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
             f"--master_port={port}", "--max_restarts=0", "--monitor_interval=1", "--rdzv_conf=timeout=60",
             "-m", "resnet_cli.train"]
+
+
+def torchrun_cmd(node_rank: int, port: int) -> list[str]:
+    """The installed torchrun (or `python -m torch.distributed.run`) with one node's flags."""
+    exe = Path(sys.executable).parent / "torchrun"
+    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    return [*launcher, *node_flags(node_rank, port)]
 
 
 class Cluster:
@@ -154,21 +160,15 @@ def test_two_nodes_train_like_one_process_and_a_killed_node_resumes_exactly(clus
     got, want = final_state(run), final_state(full)
     assert got["finished"] and got["global_step"] == want["global_step"] == STEPS
     for key in ("model", "optimizer", "scheduler"):
-        assert_bitwise(got[key], want[key], key)
+        assert_same_tensors(got[key], want[key], key)
     assert [r["val_acc"] for r in read_metrics(run)["history"]] == [r["val_acc"] for r in two["history"]]
 
 
-def assert_bitwise(a, b, where: str) -> None:
-    """Nested dicts/lists of tensors and numbers are bitwise equal."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_bitwise(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bitwise(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
+
+def test_readme_shows_the_two_node_lines_this_test_runs():
+    """The README's "two nodes on one box" lines are this test's torchrun lines (port 29500)."""
+    readme = (REPO / "README.md").read_text()
+    lines = [ln.strip() for ln in readme.splitlines() if ln.strip().startswith("torchrun --nnodes=2 --node_rank=")]
+    for rank in (0, 1):
+        want = " ".join(["torchrun", *node_flags(rank, 29500), "trainer.device=cpu"])
+        assert any(ln.startswith(want) for ln in lines), (want, lines)
