@@ -84,7 +84,12 @@ class Cluster:
 
     def kill_node(self, node: Follower) -> None:
         """SIGKILL a node: its torchrun's process group and the group of each worker (torchrun gives each its own)."""
-        groups = {node.proc.pid} | {os.getpgid(pid) for pid in children(node.proc.pid)}
+        groups = {node.proc.pid}
+        for pid in children(node.proc.pid):
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass  # that worker already ended
         self.pgids |= groups
         for pgid in groups:
             os.killpg(pgid, signal.SIGKILL)

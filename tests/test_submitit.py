@@ -21,7 +21,6 @@ from procs import (TAG_ENV, Follower, Tracked, assert_no_leftovers, cmdline, hol
                    new_tag, tagged, wait_for_file_line)
 from test_resume import assert_same_tensors
 
-
 # 128 images in batches of 16: 8 steps per epoch, two epochs, a checkpoint line after every step.
 # Deterministic and without BatchNorm (simple_cnn), so the requeued job can be compared bitwise.
 RUN = {**dict(item.split("=", 1) for item in TINY), "model": "simple_cnn", "dataset.num_train": "128",
@@ -46,6 +45,12 @@ def summary(sweep: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def job_log_tails(sweep: Path, chars: int = 2000) -> str:
+    """The end of every submitit job log in the sweep, each headed by its job id (for failure messages)."""
+    return "\n".join(f"--- submitit job {p.parent.name} ({p.name}) ---\n{p.read_text()[-chars:]}"
+                     for p in sorted((sweep / ".submitit").glob("*/*_log.*")))
+
+
 @needs_proc
 def test_submitit_local_sweep_runs_both_jobs_and_requeues_a_preempted_one(tracked, train_inproc, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")  # the `slurm` extra, which CI installs
@@ -68,14 +73,15 @@ def test_submitit_local_sweep_runs_both_jobs_and_requeues_a_preempted_one(tracke
         assert len(job0) == 1, f"job 0's process among {[(p, cmdline(p)) for p in tasks]}: {job0}"
         os.kill(job0[0], signal.SIGUSR2)
         code = launcher.wait(SWEEP_TIMEOUT_S)
-        assert code == 0, f"the sweep exited {code}\n{launcher.tail()}"
+        assert code == 0, f"the sweep exited {code}\n{launcher.tail()}\n{job_log_tails(sweep)}"
     finally:
         kill_tree(tracked.tag, tracked.pgids)  # on failure too: no job outlives the test (asserted at teardown)
 
     # Both jobs finished, each in its own folder, and the summary lists both.
     rows = summary(sweep)
     assert [(r["job"], r["status"], r["overrides"]) for r in rows] == [("0", "ok", "optimizer=adam"),
-                                                                       ("1", "ok", "optimizer=sgd")], rows
+                                                                       ("1", "ok", "optimizer=sgd")], \
+        f"{rows}\n{job_log_tails(sweep)}"
     for row in rows:
         run = Path(row["run_dir"])
         assert run == sweep / row["job"], row
