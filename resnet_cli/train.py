@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from resnet_cli import config as _schemas  # noqa: F401  (registers the typed schemas)
-from resnet_cli import config_dir
+from resnet_cli import config_dir, submitit_requeue
 from resnet_cli.errors import UserError, one_line
 
 log = logging.getLogger("resnet_cli")
@@ -44,8 +44,10 @@ class Preempted(Exception):
     def after(cls, signal_name: str, run_dir: Path) -> "Preempted":
         """The exception for a run stopped by `signal_name` once last.pt in run_dir was saved."""
         # A plain message argument keeps the exception picklable (joblib sends it between processes).
-        return cls(f"received {signal_name}; saved {run_dir / 'last.pt'}; rerun the same command with "
-                   f"trainer.resume=auto to continue (exit code {EXIT_PREEMPTED})")
+        exc = cls(f"received {signal_name}; saved {run_dir / 'last.pt'}; rerun the same command with "
+                  f"trainer.resume=auto to continue (exit code {EXIT_PREEMPTED})")
+        exc.signal_name = signal_name  # which signal decides whether a submitit job is requeued
+        return exc
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
@@ -61,6 +63,8 @@ def hydra_main(cfg: DictConfig) -> float:
         _report(exc)
     except Preempted as exc:
         if hc.mode != RunMode.RUN:
+            # A submitit job stopped by submitit's own signal: requeue it now that last.pt is saved.
+            submitit_requeue.requeue(getattr(exc, "signal_name", None))
             raise
         _preempted(exc)
 
@@ -310,7 +314,8 @@ class _StopFlag:
     def __init__(self):
         self.signal: str | None = None
         self._previous: dict = {}
-        for name in _STOP_SIGNALS:
+        # In a submitit job its preemption signal (USR2) also stops at a step boundary; see submitit_requeue.
+        for name in (*_STOP_SIGNALS, *filter(None, [submitit_requeue.preempt_signal()])):
             sig = getattr(signal, name, None)
             if sig is not None:
                 try:
