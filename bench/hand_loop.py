@@ -1,16 +1,17 @@
 """The loop a user writes instead of using resnet-train (the first tutorial's recipe), as the baseline.
 
-    python bench/hand_loop.py DIR EPOCHS
+    python bench/hand_loop.py DIR EPOCHS [MAX_BATCHES]
 
 torchvision resnet18 (3x3 stem, no max-pool, for images up to 64 px), Adam 1e-3, batch 100,
 pad-4 random crop + flip, no normalisation, ImageFolder + DataLoader with 2 workers.
 Images larger than 64 px are resized to min(native, 224) and keep torchvision's stem.
-Prints "epoch N val_acc A" after each epoch. For a folder without val/ it uses the split
+Prints "epoch N val_acc A train_img_s R" after each epoch (MAX_BATCHES caps the batches per epoch). For a folder without val/ it uses the split
 resnet-train saved (split-*.json), so both are judged on the same images.
 """
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from PIL import Image
 from torchvision import datasets, transforms as T
 
 root, epochs = Path(sys.argv[1]), int(sys.argv[2])
+max_batches = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 torch.manual_seed(0)
 first = next(p for p in sorted(root.rglob("*")) if p.suffix in (".png", ".jpg"))
 size = min(min(Image.open(first).size), 224)
@@ -45,13 +47,18 @@ train_dl = torch.utils.data.DataLoader(train_set, batch_size=100, shuffle=True, 
 val_dl = torch.utils.data.DataLoader(val_set, batch_size=100, num_workers=2)
 for epoch in range(epochs):
     model.train()
-    for x, y in train_dl:
+    seen, start = 0, time.perf_counter()
+    for i, (x, y) in enumerate(train_dl):
+        if max_batches and i == max_batches:
+            break
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+        seen += len(y)
+    rate = seen / (time.perf_counter() - start)
     model.eval()
     correct = 0
     with torch.no_grad():
         for x, y in val_dl:
             correct += (model(x).argmax(1) == y).sum().item()
-    print(f"epoch {epoch + 1} val_acc {correct / len(val_set):.4f}", flush=True)
+    print(f"epoch {epoch + 1} val_acc {correct / len(val_set):.4f} train_img_s {rate:.2f}", flush=True)

@@ -186,3 +186,12 @@ def test_resnet9_one_epoch_on_a_real_looking_folder_learns(tmp_path):
     k = len(losses) // 4
     assert np.mean(losses[-k:]) < np.mean(losses[:k]) - 0.2
     assert read_metrics(run)["final_val_acc"] > 0.3
+
+
+def test_train_and_test_folders_validate_on_test(tmp_path):
+    """fast.ai's layout (the ResNet-9 tutorial's): train/ and test/, no val/. test/ is the validation split."""
+    root = digits(tmp_path, 32, 30, 20)
+    (root / "val").rename(root / "test")
+    bundle = imagefolder(root=str(root), batch_size=4)
+    assert bundle.val.num_samples == 20 and bundle.train.num_samples == 30  # nothing of train/ split off
+    assert "validating on test/ (no val/ folder)" in bundle.summary

@@ -207,12 +207,15 @@ def _cache(root: Path, items: list[Item], size: int, policy: BadImagePolicy) -> 
     return ArraySplit(torch.stack(images), torch.tensor(labels, dtype=torch.long))
 
 
+# Folders that hold the held-out split, in the order they are looked for (fast.ai's layout uses test/).
+VAL_FOLDERS = ("val", "valid", "validation", "test")
+
+
 def _resolve_layout(root: Path) -> tuple[Path, Path | None]:
     """(train folder, val folder or None when the set must be split)."""
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        return root / "train", root / "val"
     if (root / "train").is_dir():
-        return root / "train", None
+        held_out = next((root / name for name in VAL_FOLDERS if (root / name).is_dir()), None)
+        return root / "train", held_out
     return root, None
 
 
@@ -247,6 +250,8 @@ def folder_bundle(
                 f"only in val: {only_v or 'none'}); make the class folders match"
             )
         manifest_path = root / "manifest.json"
+        if val_dir.name != "val":
+            notes.append(f"validating on {val_dir.name}/ (no val/ folder)")
     else:
         vscan = None
         manifest_path = root / f"split-val{val_fraction:g}-seed{split_seed}.json"
