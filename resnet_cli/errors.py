@@ -17,11 +17,25 @@ class UserError(Exception):
     """An error the user can fix; reported as one line."""
 
 
+class Refused(BaseException):
+    """A UserError carried past Hydra's callback runner, which turns any Exception into a warning and goes on.
+
+    A BaseException is not swallowed there; the entry points unwrap it and report `error` as one line.
+    """
+
+    def __init__(self, error: UserError):
+        super().__init__(str(error))
+        self.error = error
+
+
 @contextmanager
 def reported(prog: str, *also: type[BaseException]) -> Iterator[None]:
     """Turn a UserError (or one of `also`) raised in the block into one stderr line and exit status 2."""
     try:
         yield
+    except Refused as exc:
+        print(f"{prog}: error: {one_line(exc.error)}", file=sys.stderr)
+        sys.exit(2)
     except (UserError, *also) as exc:
         print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)

@@ -189,7 +189,7 @@ def _presets(value: str) -> list[str]:
 POSITIVE = Num(0, open="lo")
 NON_NEGATIVE = Num(0)
 FRACTION = Num(0, 1, open="hi")  # [0, 1)
-BOOL_WORDS = Choice("auto", "true", "false")
+BOOL_WORDS = Choice("auto", "true", "false", "1", "0", "yes", "no")  # what runtime.py accepts
 
 RULES: dict[str, Rule] = {
     # run level
@@ -223,7 +223,7 @@ RULES: dict[str, Rule] = {
     "trainer.limit_val_batches": Int(0),
     "trainer.sync_batchnorm": Bool(),
     "trainer.log_graph": Bool(),
-    "trainer.progress": Choice("auto", "true", "false", "1", "0", "yes", "no"),
+    "trainer.progress": BOOL_WORDS,
     "trainer.dry_run": Bool(),
     "trainer.num_threads": AnyOf(Choice("auto"), Int(1)),
     # dataset (untyped: the keys a dataset's YAML has)
