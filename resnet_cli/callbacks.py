@@ -81,7 +81,7 @@ class SweepSummary(Callback):
 
 
 class RunFolderGuard(Callback):
-    """Refuses a single run whose hydra.run.dir already holds another run, before Hydra writes anything there.
+    """Refuses a single run with a bad config, or whose hydra.run.dir holds another run, before Hydra writes there.
 
     Hydra saves .hydra/config.yaml and opens the log in the run folder before the task
     starts, so the task's own check (train.fit) would come too late to keep those files.
@@ -97,15 +97,15 @@ class RunFolderGuard(Callback):
         from resnet_cli.runfolder import check_run_folder, held_run
         from resnet_cli.validate import validate
 
-        run_dir = Path(str(config.hydra.run.dir))
-        if not held_run(run_dir):
-            return  # the usual case: a new folder; nothing to compare, no torch to import
         task = copy.deepcopy(config)
         with read_write(task), open_dict(task):
             del task["hydra"]
+        run_dir = Path(str(config.hydra.run.dir))
         try:
-            validate(task)  # a bad config must not get as far as judging the folder
-            check_run_folder(task, OmegaConf.to_container(task, resolve=True, enum_to_str=True), run_dir)
+            # A bad value stops here, before Hydra creates a run folder for it (and before the folder is judged).
+            validate(task)
+            if held_run(run_dir):  # the usual case is a new folder: nothing to compare, no torch to import
+                check_run_folder(task, OmegaConf.to_container(task, resolve=True, enum_to_str=True), run_dir)
         except UserError as exc:
             raise Refused(exc) from exc  # Hydra would only warn about an Exception and run the job anyway
 

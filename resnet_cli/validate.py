@@ -275,7 +275,7 @@ RULES: dict[str, Rule] = {
     # scheduler (torch.optim.lr_scheduler constructor arguments, plus `interval`)
     "scheduler._target_": Text(),
     "scheduler.interval": Choice("step", "epoch"),
-    "scheduler.max_lr": AnyOf(POSITIVE, Seq(POSITIVE, min_length=1)),
+    "scheduler.max_lr": POSITIVE,  # one number: build_scheduler scales it per parameter group
     "scheduler.pct_start": Num(0, 1, open="lo hi"),
     "scheduler.anneal_strategy": Choice("cos", "linear"),
     "scheduler.div_factor": POSITIVE,
