@@ -34,10 +34,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         skipped = []
         for name in ("best.pt", "last.pt"):
             if is_regular_file(path / name):
+                for other in skipped:
+                    log.warning("skipped %s: not a regular file", other)
                 return path / name
             if os.path.lexists(path / name):  # a FIFO or device would block the load: never opened
                 skipped.append(f"{name} ({_kind(path / name)})")
-                log.warning("skipped %s: %s, not a regular file", path / name, _kind(path / name))
         extra = f" (skipped {', '.join(skipped)}: not regular files)" if skipped else ""
         raise UserError(f"{path}: no best.pt or last.pt in this run folder{extra}")
     return regular_file(path, "checkpoint")

@@ -77,23 +77,25 @@ def main() -> None:
     # Let errors reach us instead of Hydra's multi-line report, so they print as one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     _quiet_other_ranks()
-    try:
-        hydra_main()
-    except Preempted as exc:
-        _preempted(exc)
-    except Refused as exc:
-        _report(exc.error)  # refused before Hydra wrote anything (run-folder guard)
-    except (UserError, HydraException, OmegaConfBaseException) as exc:
-        _report(exc)
-    except OSError as exc:
-        if not exc.filename:
-            raise  # no path to name: not an error of the user's making
-        _report(exc)  # read-only folder, a file where a folder should be, a full disk: one line naming the path
+    try:  # the outer try also catches a Ctrl-C that lands while an inner handler reports
+        try:
+            hydra_main()
+        except Preempted as exc:
+            _preempted(exc)
+        except Refused as exc:
+            _report(exc.error)  # refused before Hydra wrote anything (run-folder guard)
+        except (UserError, HydraException, OmegaConfBaseException) as exc:
+            _report(exc)
+        except OSError as exc:
+            if not exc.filename:
+                raise  # no path to name: not an error of the user's making
+            _report(exc)  # read-only folder, a file where a folder should be, a full disk: one line naming it
     except KeyboardInterrupt as exc:
         _interrupted(exc)
 
 
 def _preempted(exc: Preempted) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # saved and leaving: a late second Ctrl-C changes nothing
     if int(os.environ.get("RANK", "0")) == 0:  # rank 0 saved the checkpoint; it alone says where
         print(f"resnet-train: {exc}", file=sys.stderr)
     sys.exit(EXIT_PREEMPTED)
@@ -102,7 +104,7 @@ def _preempted(exc: Preempted) -> None:
 def _interrupted(exc: KeyboardInterrupt) -> None:
     # A second Ctrl-C stops at once (mid-step: its state is not saved); say what is on disk instead of a traceback.
     if int(os.environ.get("RANK", "0")) == 0:
-        detail = str(exc) or "nothing more was saved"
+        detail = str(exc) or "rerun with trainer.resume=auto to continue from the last checkpoint, if any"
         print(f"resnet-train: interrupted by Ctrl-C; {detail}", file=sys.stderr)
     sys.exit(EXIT_INTERRUPTED)
 
