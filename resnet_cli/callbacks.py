@@ -11,6 +11,7 @@ No torch import here: the callback is instantiated for every multirun.
 from __future__ import annotations
 
 import atexit
+import copy
 import csv
 import io
 import json
@@ -26,7 +27,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from resnet_cli.errors import one_line
+from resnet_cli.errors import Refused, UserError, one_line
+from resnet_cli.fileio import atomic_write
 
 RECORD = "sweep_job.json"
 SUMMARY = "sweep_summary.csv"
@@ -59,7 +61,7 @@ class SweepSummary(Callback):
         run_dir = Path(str(config.hydra.runtime.output_dir))
         record = job_record(config, job_return, run_dir, time.time() - (self._started or time.time()))
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(run_dir / RECORD, json.dumps(record, indent=2) + "\n")
+        atomic_write(run_dir / RECORD, json.dumps(record, indent=2) + "\n")
         write_summary(Path(str(config.hydra.sweep.dir)), self.filename)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -76,6 +78,36 @@ class SweepSummary(Callback):
         rows = write_summary(sweep_dir, self.filename)
         print(format_table(rows), file=stream or sys.stdout)
         print(f"sweep summary: {sweep_dir / self.filename}", file=stream or sys.stdout)
+
+
+class RunFolderGuard(Callback):
+    """Refuses a single run with a bad config, or whose hydra.run.dir holds another run, before Hydra writes there.
+
+    Hydra saves .hydra/config.yaml and opens the log in the run folder before the task
+    starts, so the task's own check (train.fit) would come too late to keep those files.
+    Sweep jobs are checked by the task only (Hydra has no hook before it writes a job's folder).
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Validate the config, then check the run folder (rank 0 only: other ranks write nothing)."""
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        from omegaconf import OmegaConf, open_dict, read_write
+
+        from resnet_cli.runfolder import check_run_folder, held_run
+        from resnet_cli.validate import validate
+
+        task = copy.deepcopy(config)
+        with read_write(task), open_dict(task):
+            del task["hydra"]
+        run_dir = Path(str(config.hydra.run.dir))
+        try:
+            # A bad value stops here, before Hydra creates a run folder for it (and before the folder is judged).
+            validate(task)
+            if held_run(run_dir):  # the usual case is a new folder: nothing to compare, no torch to import
+                check_run_folder(task, OmegaConf.to_container(task, resolve=True, enum_to_str=True), run_dir)
+        except UserError as exc:
+            raise Refused(exc) from exc  # Hydra would only warn about an Exception and run the job anyway
 
 
 def job_record(config: DictConfig, job_return: JobReturn, run_dir: Path, wall_s: float) -> dict:
@@ -148,7 +180,7 @@ def write_summary(sweep_dir: Path, filename: str = SUMMARY) -> list[dict]:
         writer = csv.DictWriter(buf, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-        _atomic_write(sweep_dir / filename, buf.getvalue())
+        atomic_write(sweep_dir / filename, buf.getvalue())
     return rows
 
 
@@ -163,12 +195,6 @@ def format_table(rows: list[dict]) -> str:
         if row["error"]:
             lines.append(f"    error: {row['error']}")
     return "\n".join(lines)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @contextmanager

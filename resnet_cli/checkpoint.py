@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
-import pickle
+import pickletools
 import random
-import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -13,40 +16,18 @@ import numpy as np
 import torch
 
 from resnet_cli.errors import UserError
+from resnet_cli.fileio import atomic_write, is_regular_file, regular_file
+
+log = logging.getLogger(__name__)
 
 FORMAT = "resnet-cli/1"
 LAST, BEST = "last.pt", "best.pt"
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """Write obj with torch.save to path so that a crash never leaves a partial file.
-
-    The bytes go to a temporary file in the same folder (same filesystem, so the
-    rename is atomic), are flushed and fsynced, and only then replace `path`.
-    Any failure (a full disk, an exception while pickling) leaves the previous
-    file untouched and removes the temporary one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable (a no-op where directories cannot be opened).
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Write obj with torch.save to path so that a crash never leaves a partial file (fileio.atomic_write)."""
+    # torch.save is looked up at call time, so a test can make it fail midway.
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -54,21 +35,110 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     path = Path(path)
     if path.is_dir():
         path = path / LAST
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+    regular_file(path, "checkpoint")  # a FIFO or device named *.pt would block torch.load forever
     try:
-        # weights_only=True: tensors and plain containers only; a pickled code payload is refused.
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
-            raise UserError(f"refused to load {path}: it holds objects other than tensors and plain data "
-                            f"(possibly code); only load checkpoints you trust") from exc
-        raise UserError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({_first_line(exc)})") from exc
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols on stderr; the outcome is reported below in one line.
+            warnings.simplefilter("ignore", UserWarning)
+            # weights_only=True: tensors and plain containers only; a pickled code payload is refused.
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a foreign file fails in many ways (KeyError, EOFError, zip errors)
+        forbidden = forbidden_global(path)
+        if forbidden:
+            raise UserError(f"refused to load {path}: it holds objects other than tensors and plain data "
+                            f"({forbidden}, possibly code); only load checkpoints you trust") from exc
         raise UserError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({_first_line(exc)})") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path} is not a resnet-cli checkpoint (no 'model' entry)")
     return ckpt
+
+
+# Opcodes that push a string: candidates for the module and name a STACK_GLOBAL takes off the stack.
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+
+
+def forbidden_global(path: str | os.PathLike) -> str | None:
+    """The first callable a checkpoint's pickle names that weights_only loading does not allow, else None.
+
+    Only a complete, well-formed pickle counts: random bytes, text or a truncated file fail
+    to parse and are called corrupt, not code. The pickle is only read (pickletools), never run.
+    """
+    try:
+        allowed = set(_allowed_globals())
+        with _pickle_stream(Path(path)) as stream:
+            strings: list[str] = []
+            memo: dict[int, str] = {}
+            for op, arg, _ in pickletools.genops(stream):
+                name = None
+                if op.name in _STRING_OPS:
+                    strings.append(str(arg))
+                elif op.name == "MEMOIZE" and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                    memo[int(arg)] = strings[-1]
+                elif op.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
+                    strings.append(memo[int(arg)])
+                elif op.name in ("GLOBAL", "INST"):
+                    name = str(arg).replace(" ", ".")
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    name = f"{strings[-2]}.{strings[-1]}"
+                if name is not None and name not in allowed:
+                    return name
+    except Exception:  # noqa: BLE001 - not a complete pickle: corrupt or foreign bytes, not code
+        return None
+    return None
+
+
+def _allowed_globals() -> list[str]:
+    # torch's own allow-list of the weights_only unpickler (plus globals a user registered as safe).
+    from torch import _weights_only_unpickler as wou
+
+    names = list(wou._get_allowed_globals())
+    for obj in torch.serialization.get_safe_globals():
+        obj = obj[0] if isinstance(obj, tuple) else obj
+        names.append(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', obj)}")
+    return names
+
+
+def _pickle_stream(path: Path):
+    # torch.save writes a zip whose <archive>/data.pkl holds the object tree; older files are a bare pickle.
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            return io.BytesIO(archive.read(name))  # the tree only (tensors are separate members): small
+    return open(path, "rb")
+
+
+def load_weights(model: torch.nn.Module, state: dict, context: str) -> None:
+    """Load a state_dict into model, or raise one UserError line: `context` plus what does not fit.
+
+    torch's own message lists every mismatched tensor over dozens of lines; this names
+    the counts and one example of each kind (shape, missing, unknown).
+    """
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{context} ({mismatch(model, state) or _first_line(exc)})") from exc
+
+
+def mismatch(model: torch.nn.Module, state: Any) -> str:
+    """How a state_dict differs from a model's own, in one line ('' when the keys and shapes agree)."""
+    if not isinstance(state, dict):
+        return f"the weights are a {type(state).__name__}, not a state_dict"
+    own = model.state_dict()
+    shapes = [k for k in state if k in own and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} shape mismatch(es), e.g. {k} is {list(getattr(state[k], 'shape', ()))} in the "
+                     f"file but {list(own[k].shape)} in the model")
+    if missing:
+        parts.append(f"{len(missing)} weight(s) missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unknown weight(s), e.g. {unexpected[0]}")
+    return "; ".join(parts)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -130,7 +200,12 @@ def find_resumable(root: str | os.PathLike, config: dict, exclude: Path | None =
     if not root.is_dir():
         return None
     want = comparable_config(config)
-    candidates = sorted(root.rglob(LAST), key=lambda p: p.stat().st_mtime, reverse=True)
+    found = list(root.rglob(LAST))
+    # Only regular files are opened: a FIFO named last.pt would block the load forever.
+    for path in found:
+        if not is_regular_file(path):
+            log.warning("trainer.resume=auto: skipped %s: not a regular file", path)
+    candidates = sorted((p for p in found if is_regular_file(p)), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in candidates:
         if exclude is not None and path.parent == exclude:
             continue

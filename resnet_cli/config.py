@@ -59,6 +59,7 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 0  # mid-epoch checkpoints; 0 = at epoch ends only
     save_top_k: int = 0  # keep the k best epochs as topk/*.pt besides best.pt; 0 = off
     resume: Optional[str] = None  # null | auto | path to a checkpoint or run folder
+    overwrite: bool = False  # true: a new run may replace the run already in hydra.run.dir
     max_bad_steps: int = 0  # skip up to N steps with a non-finite loss; 0 = stop at the first
     limit_train_batches: int = 0  # batches per epoch; 0 = all (for smoke tests)
     limit_val_batches: int = 0

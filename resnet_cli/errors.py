@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import errno
+import os
 import re
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 
@@ -13,14 +17,113 @@ class UserError(Exception):
     """An error the user can fix; reported as one line."""
 
 
+class Refused(BaseException):
+    """A UserError carried past Hydra's callback runner, which turns any Exception into a warning and goes on.
+
+    A BaseException is not swallowed there; the entry points unwrap it and report `error` as one line.
+    """
+
+    def __init__(self, error: UserError):
+        super().__init__(str(error))
+        self.error = error
+
+
 @contextmanager
 def reported(prog: str, *also: type[BaseException]) -> Iterator[None]:
     """Turn a UserError (or one of `also`) raised in the block into one stderr line and exit status 2."""
     try:
         yield
+    except Refused as exc:
+        print(f"{prog}: error: {one_line(exc.error)}", file=sys.stderr)
+        sys.exit(2)
     except (UserError, *also) as exc:
         print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:
+        if not exc.filename:
+            raise  # no file to name: not something the user caused by a path they gave
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+
+
+# errno -> (the cause in words, what to do about it)
+_OS_CAUSES = {
+    errno.EACCES: ("permission denied", "use a folder you can write to, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "use a folder you can write to, or fix its permissions"),
+    errno.EROFS: ("read-only file system", "use a folder on a writable file system"),
+    errno.ENOTDIR: ("not a folder", "a file is in the way: choose another path or move that file"),
+    errno.EEXIST: ("already exists and is not a folder", "choose another path or move that file"),
+    errno.EISDIR: ("is a folder, not a file", "give a file name"),
+    errno.ENOSPC: ("no space left on device", "free some space and run again"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space and run again"),
+    errno.ENOENT: ("no such file or folder", "check the path"),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter path"),
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """An operating-system error as one line: the path, the cause in words, and what to do."""
+    path = str(exc.filename)
+    cause, advice = _OS_CAUSES.get(exc.errno, (exc.strerror or type(exc).__name__, ""))
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = _file_in_the_way(Path(path))
+        if blocker is not None:
+            path, cause = str(blocker), "is a file, not a folder"
+    if exc.filename2:
+        path = f"{path} -> {exc.filename2}"
+    return f"{path}: {cause}" + (f"; {advice}" if advice else "")
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    # mkdir reports the folder it could not make; the user needs the file that blocks it.
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (`prog: error: ...`, exit 2), like every other user error.
+
+    argparse's own error() prints the whole usage block first; `--help` still shows it.
+    """
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Print one line naming the bad argument and exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _bounded(text, int, 1, "an integer >= 1")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _bounded(text, int, 0, "an integer >= 0")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    return _bounded(text, float, 0, "a number >= 0")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _bounded(text, float, 0, "a number > 0")
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number > 0")
+    return value
+
+
+def _bounded(text: str, kind: type, lo: float, words: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not {words}") from None
+    if value != value or value in (float("inf"), float("-inf")) or value < lo:
+        raise argparse.ArgumentTypeError(f"'{text}' is not {words}")
+    return value
 
 
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
@@ -39,6 +142,8 @@ def one_line(exc: BaseException) -> str:
     """Render a config or user error as a single line that names the key or file."""
     if isinstance(exc, UserError):
         return str(exc).strip().replace("\n", " ")
+    if isinstance(exc, OSError) and exc.filename:
+        return os_error_line(exc)
     text = str(exc)
     cause = exc.__cause__ or exc.__context__
     if cause is not None and str(cause) not in text:

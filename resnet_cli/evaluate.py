@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from resnet_cli.errors import UserError, one_line, reported
+from resnet_cli.errors import OneLineParser, UserError, non_negative_int, one_line, reported
+from resnet_cli.fileio import atomic_write
 
 SPLITS = ("val", "train")
 # Evaluating the train split means measuring it, not training on it: no augmentation or mixing.
@@ -48,10 +49,14 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", overrides: S
     from hydra.utils import instantiate
 
     from resnet_cli import engine, reports, runtime
-    from resnet_cli.predict import load_model, resolve_checkpoint
+    from resnet_cli.predict import load_model, resolve_checkpoint, resolve_device
 
     if split not in SPLITS:
         raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
+    if limit < 0:
+        raise UserError(f"--limit-batches {limit}: must be >= 0 (0 = all)")
+    if device is not None:
+        device = resolve_device(device)  # the flag's own one-line error, before the checkpoint is read
     path = resolve_checkpoint(checkpoint)
     model, ckpt = load_model(path, "cpu")
     tcfg = ckpt["config"].get("trainer", {})
@@ -123,7 +128,7 @@ def write_tensorboard(report: dict, out: dict, logdir: Path) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line of resnet-eval."""
-    ap = argparse.ArgumentParser(prog="resnet-eval", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="resnet-eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt, else last.pt)")
     ap.add_argument("overrides", nargs="*", help="dataset.KEY=VALUE changes to the checkpoint's dataset config")
     ap.add_argument("--split", default="val", choices=SPLITS)
@@ -131,7 +136,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--logdir", help="TensorBoard folder (default: <checkpoint folder>/eval_<split>)")
     ap.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard events")
     ap.add_argument("--device", help="default: the checkpoint's trainer.device")
-    ap.add_argument("--limit-batches", type=int, default=0, help="evaluate only this many batches (0 = all)")
+    ap.add_argument("--limit-batches", type=non_negative_int, default=0,
+                    help="evaluate only this many batches (0 = all)")
     return ap.parse_args(argv)
 
 
@@ -142,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
         print(format_report(report))
     if args.json:
         text = json.dumps(report, indent=2) + "\n"
-        sys.stdout.write(text) if args.json == "-" else Path(args.json).write_text(text)
+        sys.stdout.write(text) if args.json == "-" else atomic_write(args.json, text, durable=False)
     if not args.no_tensorboard:
         path = Path(report["checkpoint"])
         logdir = Path(args.logdir) if args.logdir else path.parent / f"eval_{args.split}"

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from resnet_cli.errors import UserError, one_line, reported
+from resnet_cli.errors import OneLineParser, UserError, non_negative_float, one_line, reported
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
@@ -96,8 +96,10 @@ def _check_safetensors(path: Path, x):
     cfg = json.loads(meta["model_config"])
     if cfg.get("pretrained"):
         cfg["pretrained"] = False  # the weights come from the file
+    from resnet_cli.checkpoint import load_weights
+
     fresh = instantiate(cfg)(num_classes=len(json.loads(meta["class_names"])))
-    fresh.load_state_dict(load_file(str(path)))
+    load_weights(fresh, load_file(str(path)), f"{path}: the exported weights do not fit their model config")
     with torch.inference_mode():
         return fresh.eval()(x)
 
@@ -147,11 +149,12 @@ def export(checkpoint: str | Path, out_dir: str | Path, formats: Sequence[str] =
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line of resnet-export."""
-    ap = argparse.ArgumentParser(prog="resnet-export", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="resnet-export", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt, else last.pt)")
     ap.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/export)")
     ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)}")
-    ap.add_argument("--atol", type=float, default=1e-4, help="largest allowed |difference| from PyTorch")
+    ap.add_argument("--atol", type=non_negative_float, default=1e-4,
+                    help="largest allowed |difference| from PyTorch")
     ap.add_argument("--name", help="file stem (default: the model's name)")
     return ap.parse_args(argv)
 

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from resnet_cli import config as _schemas  # noqa: F401  (registers the typed schemas)
 from resnet_cli import config_dir
-from resnet_cli.errors import UserError, reported
+from resnet_cli.errors import OneLineParser, UserError, positive_float, positive_int, reported
 
 log = logging.getLogger("resnet_cli")
 
@@ -33,12 +33,14 @@ _OPTIONS: dict[str, Any] = {}
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="resnet-lr-find", add_help=False)
-    ap.add_argument("--steps", type=int, default=200, help="optimizer steps in the sweep (default 200)")
-    ap.add_argument("--start-lr", type=float, default=1e-6)
-    ap.add_argument("--end-lr", type=float, default=3.0)
-    ap.add_argument("--smoothing", type=float, default=0.05, help="weight of each new loss in the running average")
-    ap.add_argument("--diverge", type=float, default=4.0, help="stop when the loss exceeds this multiple of its best")
+    ap = OneLineParser(prog="resnet-lr-find", add_help=False)
+    ap.add_argument("--steps", type=positive_int, default=200, help="optimizer steps in the sweep (default 200)")
+    ap.add_argument("--start-lr", type=positive_float, default=1e-6)
+    ap.add_argument("--end-lr", type=positive_float, default=3.0)
+    ap.add_argument("--smoothing", type=positive_float, default=0.05,
+                    help="weight of each new loss in the running average")
+    ap.add_argument("--diverge", type=positive_float, default=4.0,
+                    help="stop when the loss exceeds this multiple of its best")
     return ap
 
 
@@ -70,9 +72,13 @@ def find_lr(cfg: DictConfig, run_dir: Path, *, steps: int = 200, start_lr: float
     from resnet_cli import engine, optim, reports, runtime
     from resnet_cli.build import build_model
     from resnet_cli.tracking import Tracker
+    from resnet_cli.validate import validate
 
+    validate(cfg)  # the same ranges and relations as resnet-train, before any data is read
     if not 0 < start_lr < end_lr or steps < 5:
         raise UserError(f"need 0 < --start-lr < --end-lr and --steps >= 5 (got {start_lr}, {end_lr}, {steps})")
+    if not 0 < smoothing <= 1 or diverge <= 1:
+        raise UserError(f"need 0 < --smoothing <= 1 and --diverge > 1 (got {smoothing}, {diverge})")
     tcfg = cfg.trainer
     rt = runtime.setup(tcfg)
     try:

@@ -73,11 +73,45 @@ def build_scheduler(factory: Callable, optimizer: torch.optim.Optimizer, *, inte
         log.warning("trainer.warmup_epochs is ignored: %s has its own warm-up phase", func.__name__)
         warmup = 0
         kwargs = {k: (total if k in _LENGTH_ARGS else v) for k, v in kwargs.items()}
+    if "pct_start" in params and "three_phase" in params:  # OneCycleLR and its subclasses
+        span = kwargs.get("total_steps") or _keyword(factory, "total_steps") or \
+            (_keyword(factory, "epochs") or 0) * (_keyword(factory, "steps_per_epoch") or 0)
+        pct = _keyword(factory, "pct_start")
+        pct = float(pct if pct is not None else params["pct_start"].default)
+        safe = one_cycle_pct_start(int(span), pct, bool(_keyword(factory, "three_phase")))
+        if safe is not None:
+            log.warning("scheduler.pct_start=%g leaves a warm-up of %.2f steps in a one-cycle of %d steps; using "
+                        "pct_start=%.4f (%s)", pct, pct * span, span, safe,
+                        "a warm-up of %d steps" % round(safe * span) if safe * span >= 1 else "annealing only")
+            kwargs["pct_start"] = safe
     main = factory(optimizer, **kwargs)
     if not warmup:
         return main
     start = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, end_factor=1.0, total_iters=warmup)
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [start, main], milestones=[warmup])
+
+
+def one_cycle_pct_start(total: int, pct: float, three_phase: bool = False) -> float | None:
+    """A pct_start for OneCycleLR that gives each phase at least one step of `total`, or None when `pct` does.
+
+    torch's OneCycleLR ends the warm-up at step pct*total - 1 (three-phase: the second phase at
+    2*pct*total - 2, the last at total - 1) and divides by each phase's length: a warm-up of
+    exactly one step (pct*total == 1, e.g. 4 steps at the default 0.25) is a ZeroDivisionError,
+    and a shorter one never reaches max_lr. So the warm-up gets a whole number of steps, at least
+    2 (its first step runs at the initial lr, its last at max_lr), with room for the rest. A run
+    too short even for that (2 steps; 3 with three phases) anneals only: the warm-up ends before
+    step 0, the lr starts near max_lr and ends at the floor, as the schedule promises.
+    """
+    if total < 1:
+        return None
+    warm = pct * total
+    tail = total + 1 - 2 * warm if three_phase else total - warm  # the last phase's length
+    if warm >= 2 and tail > 0:
+        return None
+    longest = total // 2 if three_phase else total - 1
+    if longest >= 2:
+        return min(max(round(warm), 2), longest) / total
+    return 0.5 / total  # warm-up ends at step -0.5: annealing only, no phase of zero length
 
 
 def _keyword(factory: Callable, name: str):

@@ -12,11 +12,17 @@ import argparse
 import csv
 import io
 import json
+import logging
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from resnet_cli.errors import UserError, one_line, reported
+from resnet_cli.errors import OneLineParser, UserError, one_line, positive_int, reported
+from resnet_cli.fileio import atomic_write, is_regular_file, kind_of, regular_file
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -25,13 +31,60 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run folder's best.pt (else last.pt)."""
     path = Path(path)
     if path.is_dir():
+        skipped = []
         for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
+            if is_regular_file(path / name):
+                for other in skipped:
+                    log.warning("skipped %s: not a regular file", other)
                 return path / name
-        raise UserError(f"{path}: no best.pt or last.pt in this run folder")
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    return path
+            if os.path.lexists(path / name):  # a FIFO or device would block the load: never opened
+                skipped.append(f"{name} ({_kind(path / name)})")
+        extra = f" (skipped {', '.join(skipped)}: not regular files)" if skipped else ""
+        raise UserError(f"{path}: no best.pt or last.pt in this run folder{extra}")
+    return regular_file(path, "checkpoint")
+
+
+def _kind(path: Path) -> str:
+    try:
+        return kind_of(os.stat(path).st_mode)
+    except OSError:
+        return "a dangling link"
+
+
+def resolve_device(name: str, flag: str = "--device") -> str:
+    """A tool's --device as a torch device name; one-line UserError for a nonsense name or a missing GPU."""
+    text = str(name).strip().lower()
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise UserError(f"{flag} {name}: not a device; use cpu, cuda or cuda:N")
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text.startswith("cuda"):
+        index = int(text.split(":")[1]) if ":" in text else 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"{flag} {name}: {torch.cuda.device_count()} CUDA device(s) visible; use {flag} cpu")
+    return text
+
+
+def model_from_checkpoint(ckpt: dict, source: str | Path):
+    """The checkpoint's model, built from the config it carries and loaded with its weights (one-line UserError)."""
+    from resnet_cli import checkpoint
+    from resnet_cli.build import build_model
+
+    config = ckpt.get("config")
+    model_cfg = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model_cfg, dict) or "_target_" not in model_cfg:
+        raise UserError(f"{source}: its config has no model section (not written by resnet-train?)")
+    classes = len(ckpt["class_names"])
+    try:
+        # The checkpoint holds the trained weights: fetch nothing; build at the size it was trained at.
+        model = build_model(model_cfg, classes, ckpt.get("eval_spec", {}).get("crop"), fetch_weights=False)
+    except Exception as exc:  # noqa: BLE001 - a config the model builder refuses is a property of the file
+        raise UserError(f"{source}: cannot build the model its config describes ({one_line(exc)})") from exc
+    checkpoint.load_weights(model, ckpt["model"], f"{source}: its weights do not fit the model its config "
+                                                  f"describes ({model_cfg.get('name', '?')}, {classes} classes)")
+    return model
 
 
 def load_model(path: str | Path, device: str = "cpu"):
@@ -39,16 +92,13 @@ def load_model(path: str | Path, device: str = "cpu"):
     import torch
 
     from resnet_cli import checkpoint
-    from resnet_cli.build import build_model
 
-    ckpt = checkpoint.load(resolve_checkpoint(path), map_location="cpu")
+    path = resolve_checkpoint(path)
+    ckpt = checkpoint.load(path, map_location="cpu")
     for key in ("config", "class_names", "eval_spec"):
         if key not in ckpt:
             raise UserError(f"{path}: checkpoint has no '{key}' entry (not written by resnet-train?)")
-    # The checkpoint holds the trained weights: fetch nothing; build at the size it was trained at.
-    model = build_model(ckpt["config"]["model"], len(ckpt["class_names"]), ckpt["eval_spec"].get("crop"),
-                        fetch_weights=False)
-    model.load_state_dict(ckpt["model"])
+    model = model_from_checkpoint(ckpt, path)
     return model.to(torch.device(device)).eval(), ckpt
 
 
@@ -58,14 +108,15 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            named = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+            files = [p for p in named if is_regular_file(p)]
+            for p in sorted(set(named) - set(files)):  # a FIFO would block the decoder: never opened
+                log.warning("skipped %s: %s, not a regular file", p, _kind(p))
             if not files:
                 raise UserError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             found += files
-        elif path.is_file():
-            found.append(path)
         else:
-            raise UserError(f"image not found: {path}")
+            found.append(regular_file(path, "image"))
     return found
 
 
@@ -76,24 +127,46 @@ def _read(path: Path, transform):
         with Image.open(path) as img:
             img.load()
             return transform(img)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise UserError(f"cannot read image {path}: {one_line(exc)}") from exc
 
 
+ON_BAD_IMAGE = ("error", "skip")
+
+
 def predict(model, ckpt: dict, files: Sequence[Path], topk: int = 5, batch_size: int = 64,
-            device: str = "cpu") -> list[dict]:
-    """Top-k class names and probabilities for each file, in order."""
+            device: str = "cpu", on_bad_image: str = "error", skipped: list | None = None) -> list[dict]:
+    """Top-k class names and probabilities for each file, in order.
+
+    A file that cannot be read stops with a one-line UserError naming it (`on_bad_image="error"`),
+    or is left out and appended to `skipped` as (path, reason) (`"skip"`).
+    """
     import torch
 
     from resnet_cli.data.transforms import build_eval_transform
 
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise UserError(f"--on-bad-image {on_bad_image}: use error or skip")
+    if topk < 1 or batch_size < 1:
+        raise UserError(f"--topk and --batch-size must be >= 1 (got {topk}, {batch_size})")
     transform = build_eval_transform(**ckpt["eval_spec"])
     names = ckpt["class_names"]
     k = max(1, min(topk, len(names)))
+    skipped = skipped if skipped is not None else []
+    readable = []
+    for path in files:
+        try:
+            readable.append((path, _read(path, transform)))
+        except UserError as exc:
+            if on_bad_image == "error":
+                raise UserError(f"{exc} (or pass --on-bad-image skip)") from exc
+            skipped.append((str(path), str(exc)))
+    if not readable:
+        raise UserError(f"none of the {len(files)} image(s) could be read (first: {skipped[0][1]})")
     results: list[dict] = []
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        batch = torch.stack([_read(p, transform) for p in chunk]).to(device)
+    for start in range(0, len(readable), batch_size):
+        chunk = [p for p, _ in readable[start:start + batch_size]]
+        batch = torch.stack([x for _, x in readable[start:start + batch_size]]).to(device)
         with torch.inference_mode():
             probs = model(batch).float().softmax(1)
         top = probs.topk(k, dim=1)
@@ -130,27 +203,37 @@ def _write(dest: str, text: str) -> None:
     if dest == "-":
         sys.stdout.write(text)
     else:
-        Path(dest).write_text(text)
+        atomic_write(dest, text, durable=False)  # never half a file where a complete one was
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line of resnet-predict."""
-    ap = argparse.ArgumentParser(prog="resnet-predict", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="resnet-predict", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt, else last.pt)")
     ap.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    ap.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    ap.add_argument("--topk", type=positive_int, default=5, help="classes per image (default 5)")
     ap.add_argument("--json", metavar="FILE", help="also write the predictions as JSON ('-' for stdout)")
     ap.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV ('-' for stdout)")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=positive_int, default=64)
+    ap.add_argument("--on-bad-image", choices=ON_BAD_IMAGE, default="error",
+                    help="error (default): stop at an unreadable image, naming it; skip: leave it out and say so")
     return ap.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Predict as the parsed command line asks, printing the table and writing the files."""
     files = find_images(args.images)  # check the inputs before paying for torch and the model
-    model, ckpt = load_model(args.checkpoint, args.device)
-    results = predict(model, ckpt, files, topk=args.topk, batch_size=args.batch_size, device=args.device)
+    device = resolve_device(args.device)
+    model, ckpt = load_model(args.checkpoint, device)
+    skipped: list = []
+    results = predict(model, ckpt, files, topk=args.topk, batch_size=args.batch_size, device=device,
+                      on_bad_image=args.on_bad_image, skipped=skipped)
+    for path, reason in skipped:
+        print(f"resnet-predict: skipped: {reason}", file=sys.stderr)
+    if skipped:
+        print(f"resnet-predict: {len(skipped)} of {len(files)} image(s) skipped (--on-bad-image skip)",
+              file=sys.stderr)
     to_stdout = "-" in (args.json, args.csv)
     if not to_stdout:
         print(format_table(results))

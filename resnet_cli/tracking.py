@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from resnet_cli.fileio import write_json
 
 log = logging.getLogger(__name__)
 
 # (name, width, format): one aligned row per epoch, nanoGPT/airbench style.
 _COLUMNS = (("epoch", 5, "d"), ("train_loss", 10, ".4f"), ("train_acc", 9, ".4f"), ("val_loss", 8, ".4f"),
             ("val_acc", 7, ".4f"), ("lr", 9, ".2e"), ("img/s", 8, ".0f"), ("time_s", 6, ".1f"))
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON atomically (temporary file + rename), so readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def table_header() -> str:

@@ -23,18 +23,25 @@ from omegaconf.errors import OmegaConfBaseException
 
 from resnet_cli import config as _schemas  # noqa: F401  (registers the typed schemas)
 from resnet_cli import config_dir, submitit_requeue
-from resnet_cli.errors import UserError, one_line
+from resnet_cli.errors import Refused, UserError, one_line
+from resnet_cli.fileio import atomic_write, write_json
+from resnet_cli.runfolder import check_run_folder, clear_run
 
 log = logging.getLogger("resnet_cli")
 
 EXIT_USER_ERROR = 2  # bad config, missing data, unreadable file: fix and run again
 EXIT_DIVERGED = 3  # non-finite loss: the last good checkpoint is named in the message
 EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGUSR1/SIGINT after saving last.pt: rerun with trainer.resume=auto
+EXIT_INTERRUPTED = 130  # a second Ctrl-C stopped the run at once (the shell's code for SIGINT)
 _STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
 
 class Diverged(UserError):
     """Training produced a non-finite loss."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once; the message names the last checkpoint on disk."""
 
 
 class Preempted(Exception):
@@ -74,18 +81,36 @@ def main() -> None:
     # Let errors reach us instead of Hydra's multi-line report, so they print as one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     _quiet_other_ranks()
-    try:
-        hydra_main()
-    except Preempted as exc:
-        _preempted(exc)
-    except (UserError, HydraException, OmegaConfBaseException) as exc:
-        _report(exc)
+    try:  # the outer try also catches a Ctrl-C that lands while an inner handler reports
+        try:
+            hydra_main()
+        except Preempted as exc:
+            _preempted(exc)
+        except Refused as exc:
+            _report(exc.error)  # refused before Hydra wrote anything (run-folder guard)
+        except (UserError, HydraException, OmegaConfBaseException) as exc:
+            _report(exc)
+        except OSError as exc:
+            if not exc.filename:
+                raise  # no path to name: not an error of the user's making
+            _report(exc)  # read-only folder, a file where a folder should be, a full disk: one line naming it
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
 
 
 def _preempted(exc: Preempted) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # saved and leaving: a late second Ctrl-C changes nothing
     if int(os.environ.get("RANK", "0")) == 0:  # rank 0 saved the checkpoint; it alone says where
         print(f"resnet-train: {exc}", file=sys.stderr)
     sys.exit(EXIT_PREEMPTED)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    # A second Ctrl-C stops at once (mid-step: its state is not saved); say what is on disk instead of a traceback.
+    if int(os.environ.get("RANK", "0")) == 0:
+        detail = str(exc) or "rerun with trainer.resume=auto to continue from the last checkpoint, if any"
+        print(f"resnet-train: interrupted by Ctrl-C; {detail}", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def _report(exc: BaseException) -> None:
@@ -106,6 +131,9 @@ def to_plain(cfg: DictConfig) -> dict:
 
 def fit(cfg: DictConfig, run_dir: Path) -> float:
     """Train as configured, writing into run_dir; returns the best validation accuracy."""
+    from resnet_cli.validate import validate
+
+    validate(cfg)  # every key's range and relations: before torch, data or the run folder are touched
     import torch
     from hydra.utils import instantiate
 
@@ -116,8 +144,10 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
 
     tcfg = cfg.trainer
     rt = runtime.setup(tcfg)
+    bundle = None
     try:
         plain = to_plain(cfg)
+        hydra_dir = run_dir
         resume_from, run_dir = _resolve_resume(cfg, plain, run_dir, rt, ckpt_io)
         if rt.is_main:
             log.info("run folder: %s", run_dir.resolve())
@@ -184,6 +214,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         state = _State(best_value=None, best_epoch=-1, history=[], start_epoch=0, start_batch=0, running=None)
         if resume_from is not None:
             state = _restore(resume_from, raw_model, loop, state, ckpt_io, rt)
+            if rt.is_main and run_dir.resolve() != hydra_dir.resolve():
+                # Written only once the checkpoint has loaded: a failed resume leaves no pointer behind.
+                atomic_write(hydra_dir / "resumed_into.txt", f"{run_dir.resolve()}\n")
             # A restored OneCycleLR keeps its own length and cannot step past it: say so now, not mid-run.
             span = getattr(loop.scheduler, "total_steps", None)
             if span is not None and span < int(tcfg.epochs) * steps_per_epoch:
@@ -192,12 +225,14 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
                                 f"with the run's own trainer.epochs and batch size")
         # Events a killed run wrote after its checkpoint (steps > global_step) are dropped, so the
         # step axis continues without duplicate points; those up to the checkpoint are kept.
+        if rt.is_main and tcfg.overwrite and resume_from is None:
+            clear_run(run_dir)  # as late as possible: a run that failed to start left the old one whole
         tracker = Tracker(run_dir, rt.is_main, purge_step=loop.global_step + 1 if resume_from else None)
         if rt.is_main:
-            (run_dir / "class_names.json").write_text(_json(class_names))
+            write_json(run_dir / "class_names.json", class_names)
         saver = _Saver(run_dir, rt, ckpt_io, raw_model, loop, plain, class_names, bundle.eval_spec, tcfg)
         saver.last_good = resume_from
-        stopper = _StopFlag()
+        stopper = _StopFlag(saver)
         if rt.is_main and resume_from is None:
             from resnet_cli.reports import log_augmented_batch
 
@@ -211,13 +246,30 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
                                table_header, table_row, class_names)
             if rt.is_main:
                 log.info("done: best val acc %.4f (epoch %d); run folder %s; view with: tensorboard --logdir %s",
-                         best, state.best_epoch, run_dir.resolve(), cfg.output_root)
+                         best, state.best_epoch, run_dir.resolve(), _logdir(run_dir, cfg.output_root))
             return best
         finally:
             stopper.close()
             tracker.close()  # also on preemption/divergence: the events up to the checkpoint reach the disk
     finally:
+        _close_loaders(bundle)
         runtime.teardown(rt)
+
+
+def _logdir(run_dir: Path, output_root: str) -> Path:
+    """The folder to point TensorBoard at: output_root when it holds the run, else the run folder's parent."""
+    root = Path(str(output_root)).resolve()
+    run = run_dir.resolve()
+    return Path(str(output_root)) if run.is_relative_to(root) else run.parent
+
+
+def _close_loaders(bundle) -> None:
+    # DataLoader workers ignore stop signals (so a signal to the process group cannot kill them
+    # mid-batch); they are shut down here, before interpreter exit tries to terminate them.
+    for source in (getattr(bundle, "train", None), getattr(bundle, "val", None)):
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
 
 
 class _State:
@@ -231,21 +283,17 @@ def _limit(n: int, limit: int) -> int:
     return min(n, limit) if limit else n
 
 
-def _json(data: Any) -> str:
-    import json
-
-    return json.dumps(data, indent=2) + "\n"
-
-
 def _resolve_resume(cfg: DictConfig, plain: dict, run_dir: Path, rt, ckpt_io) -> tuple[Path | None, Path]:
     """Which checkpoint to continue from (if any) and which run folder to write into."""
+    # A folder that holds a run is written only to resume that run (or with trainer.overwrite=true).
+    in_place = check_run_folder(cfg, plain, run_dir) if rt.is_main else False
     request = cfg.trainer.resume
     if not request:
         return None, run_dir
     found: Path | None = None
     if rt.is_main:
         if str(request) == "auto":
-            if (run_dir / ckpt_io.LAST).is_file():
+            if in_place:
                 found = run_dir  # a fixed hydra.run.dir (e.g. a requeued SLURM job) resumes in place
             else:
                 found = ckpt_io.find_resumable(cfg.output_root, plain, exclude=run_dir)
@@ -263,8 +311,8 @@ def _resolve_resume(cfg: DictConfig, plain: dict, run_dir: Path, rt, ckpt_io) ->
     ckpt_file = found / ckpt_io.LAST if found.is_dir() else found
     new_dir = ckpt_file.parent
     if rt.is_main and new_dir.resolve() != run_dir.resolve():
-        # Continue in the original folder so checkpoints and the TensorBoard step axis stay in one run.
-        (run_dir / "resumed_into.txt").write_text(f"{new_dir.resolve()}\n")
+        # Continue in the original folder so checkpoints and the TensorBoard step axis stay in one run
+        # (resumed_into.txt is left in the new folder once the checkpoint has loaded).
         handler = logging.FileHandler(new_dir / "train.log")
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         logging.getLogger().addHandler(handler)
@@ -285,13 +333,13 @@ def _broadcast(value: Any, rt) -> Any:
 def _restore(path: Path, raw_model, loop, state: _State, ckpt_io, rt) -> _State:
     """Load a checkpoint into the model, optimizer, scheduler, scaler, EMA and RNGs."""
     ck = ckpt_io.load(path, map_location=rt.device)
+    made_by = ck.get("config", {}).get("model", {}).get("name", "another model")
+    context = f"trainer.resume={path}: it was made by {made_by} with other settings and does not fit this model"
+    ckpt_io.load_weights(raw_model, ck["model"], context)
     try:
-        raw_model.load_state_dict(ck["model"])
         loop.optimizer.load_state_dict(ck["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
-        made_by = ck.get("config", {}).get("model", {}).get("name", "another model")
-        raise UserError(f"trainer.resume={path}: it was made by {made_by} with other settings and does not fit "
-                        f"this model/optimizer ({str(exc).strip().splitlines()[0][:160]})") from exc
+        raise UserError(f"{context}'s optimizer ({str(exc).strip().splitlines()[0][:160]})") from exc
     loop.scheduler.load_state_dict(ck["scheduler"])
     if ck.get("scaler"):
         loop.scaler.load_state_dict(ck["scaler"])
@@ -311,8 +359,9 @@ def _restore(path: Path, raw_model, loop, state: _State, ckpt_io, rt) -> _State:
 class _StopFlag:
     """Turns SIGTERM/SIGUSR1/SIGINT into a flag the loop checks after each step."""
 
-    def __init__(self):
+    def __init__(self, saver: "_Saver | None" = None):
         self.signal: str | None = None
+        self.saver = saver
         self._previous: dict = {}
         # In a submitit job its preemption signal (USR2) also stops at a step boundary; see submitit_requeue.
         for name in (*_STOP_SIGNALS, *filter(None, [submitit_requeue.preempt_signal()])):
@@ -331,7 +380,10 @@ class _StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None and signal.Signals(signum).name == "SIGINT":
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            # A second Ctrl-C stops at once, mid-step, so nothing more is saved; name what is on disk.
+            last = self.saver.last_good if self.saver is not None else None
+            raise Interrupted(f"stopped at once by a second Ctrl-C; last checkpoint: {last or 'none'}"
+                              + (" (rerun with trainer.resume=auto to continue from it)" if last else ""))
         self.signal = signal.Signals(signum).name
 
 
@@ -375,12 +427,22 @@ class _Saver:
             return
         if not self.io.is_finite_state(ck["model"]):
             raise Diverged(f"weights became non-finite; kept the last good checkpoint {self.last_good or 'none'}")
-        self.io.atomic_save(ck, self.run_dir / self.io.LAST)
-        self.last_good = self.run_dir / self.io.LAST
-        if best:
-            self.io.atomic_save(ck, self.run_dir / self.io.BEST)
-        if self.top_k and epoch is not None and value is not None:
-            self._top_k(ck, epoch, value)
+        target = self.run_dir / self.io.LAST
+        try:
+            self.io.atomic_save(ck, target)
+            self.last_good = target
+            if best:
+                target = self.run_dir / self.io.BEST
+                self.io.atomic_save(ck, target)
+            if self.top_k and epoch is not None and value is not None:
+                target = self.run_dir / "topk"
+                self._top_k(ck, epoch, value)
+        except OSError as exc:
+            # The save is atomic: the file being replaced is still the previous, complete one.
+            where = exc if exc.filename else OSError(exc.errno, exc.strerror, str(target))
+            kept = f"the previous {self.last_good} is intact" if self.last_good else "no checkpoint was saved"
+            raise UserError(f"cannot save a checkpoint: {one_line(where)} ({kept}; then rerun with "
+                            f"trainer.resume=auto)") from exc
 
     def _top_k(self, ck: dict, epoch: int, value: float) -> None:
         folder = self.run_dir / "topk"

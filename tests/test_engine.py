@@ -176,8 +176,9 @@ def test_no_weight_decay_on_norm_and_bias_parameters(train_inproc):
 
 
 def test_early_stopping_after_patience_epochs_without_improvement(train_inproc):
-    # lr 0: validation never changes, so only the first epoch improves.
-    _, run = train_inproc("model=simple_cnn", "optimizer=sgd", "optimizer.lr=0.0", "scheduler=none",
+    # An lr far below float resolution (optimizer.lr=0 is refused): the weights never change, so only the
+    # first epoch improves.
+    _, run = train_inproc("model=simple_cnn", "optimizer=sgd", "optimizer.lr=1e-30", "scheduler=none",
                           "trainer.epochs=10", "trainer.early_stop_patience=2", "trainer.monitor=val_loss")
     metrics = read_metrics(run)
     assert metrics["epochs"] == 3 and metrics["best_epoch"] == 1 and metrics["finished"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import signal
+import weakref
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
@@ -13,6 +16,36 @@ from resnet_cli.data.transforms import BatchMixer
 from resnet_cli.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+# The signals a scheduler or a terminal sends to the whole process group to stop a run.
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: the worker ignores SIGTERM, SIGUSR1 and SIGINT.
+
+    SLURM, `timeout` and supervisors signal the whole process group. A worker that died of
+    the signal would make the main process fail with "DataLoader worker is killed by signal"
+    before it could save; ignoring it leaves the decision to the main process, which
+    finishes the step, saves last.pt and shuts the workers down itself (LoaderSource.close).
+    It draws no random numbers: batches stay seeded per sample, as before.
+    """
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+_OPEN: "weakref.WeakSet[LoaderSource]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_sources() -> None:
+    # Registered after torch and multiprocessing, so it runs before them at exit: workers that
+    # ignore SIGTERM must be shut down here, or multiprocessing's exit handler would wait on them.
+    for source in list(_OPEN):
+        source.close()
 
 
 class BadSample(NamedTuple):
@@ -159,6 +192,7 @@ class LoaderSource:
             collate_fn=collate_good,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
             # Without its own generator a DataLoader draws its base seed from the global RNG,
             # which would shift the training RNG stream and break exact resume.
             generator=torch.Generator().manual_seed(mix_seed(self.seed, self.rank, 0xD1)),
@@ -168,6 +202,8 @@ class LoaderSource:
         """Batches start..len-1 of the current epoch; bad images are reported here, in the main process."""
         if self._loader is None:
             self._loader = self._make_loader()
+            if self.num_workers > 0:
+                _OPEN.add(self)
         self.sampler.start = start
         for b, (images, targets, bad) in enumerate(self._loader, start):
             for sample in bad:
@@ -180,4 +216,17 @@ class LoaderSource:
 
     def __iter__(self) -> Iterator[Batch]:
         return self.iter_from(0)
+
+    def close(self) -> None:
+        """Shut the worker processes down (they ignore stop signals, so exit must not rely on terminating them)."""
+        loader, self._loader = self._loader, None
+        _OPEN.discard(self)
+        iterator = getattr(loader, "_iterator", None) if loader is not None else None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        for worker in getattr(iterator, "_workers", []) or []:
+            if worker.is_alive():  # still busy after torch's graceful shutdown: SIGTERM is ignored, so kill
+                worker.kill()
+                worker.join(timeout=5)
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from resnet_cli.errors import UserError
+from resnet_cli.fileio import regular_file
 
 HEAD = "fc"  # the classifier attribute every model shares (resnet_cli/optim.py reads the same name)
 
@@ -67,8 +68,9 @@ def torchvision_state_dict(name: str) -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict from a file: a bare state_dict or a resnet-cli checkpoint's "model" entry."""
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"model.pretrained: no such file {path}")
+    regular_file(path, "model.pretrained file")  # a FIFO would block torch.load forever
     try:
         # weights_only=True: tensors and plain containers only; a pickled code payload is refused.
         data = torch.load(path, map_location="cpu", weights_only=True)
