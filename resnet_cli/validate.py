@@ -66,6 +66,14 @@ class Int(Rule):
         return _is_int(value) and (self.lo is None or value >= self.lo) and (self.hi is None or value <= self.hi)
 
 
+class IntText(Int):
+    """An integer as the text a str-typed key holds (keys that also take a word such as `auto`)."""
+
+    def ok(self, value: Any) -> bool:
+        text = str(value).strip()
+        return not isinstance(value, bool) and text.isdigit() and super().ok(int(text))
+
+
 class Num(Rule):
     """A finite number within lo..hi; `open` names the bounds that are excluded ('lo', 'hi')."""
 
@@ -225,7 +233,7 @@ RULES: dict[str, Rule] = {
     "trainer.log_graph": Bool(),
     "trainer.progress": BOOL_WORDS,
     "trainer.dry_run": Bool(),
-    "trainer.num_threads": AnyOf(Choice("auto"), Int(1)),
+    "trainer.num_threads": AnyOf(Choice("auto"), IntText(1)),
     # dataset (untyped: the keys a dataset's YAML has)
     "dataset._target_": Text(),
     "dataset.root": AnyOf(Null(), Text()),
@@ -236,12 +244,13 @@ RULES: dict[str, Rule] = {
     "dataset.auto_max_size": Int(8),
     "dataset.batch_size": Int(1),
     "dataset.val_batch_size": AnyOf(Null(), Int(1)),
-    "dataset.num_workers": Int(0),
+    "dataset.num_workers": AnyOf(Choice("auto"), Int(0)),
     "dataset.loader": Choice("auto", "memory", "dataloader"),
     "dataset.cache_size": AnyOf(Null(), Int(1)),
+    "dataset.memory_budget": Num(0, 1, open="lo"),
     "dataset.augment": Augment(),
     "dataset.crop": Choice("auto", "pad", "resized"),
-    "dataset.pad": Int(0),
+    "dataset.pad": AnyOf(Choice("auto"), Int(0)),
     "dataset.pad_mode": Choice("reflect", "constant", "edge"),
     "dataset.scale": Seq(Num(0, 1, open="lo"), length=2, ordered=True),
     "dataset.cutout": Int(0),

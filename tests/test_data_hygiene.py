@@ -180,3 +180,18 @@ def test_worker_errors_reach_the_user_as_one_line(cli, tmp_path):
     assert "Traceback" not in res.stderr
     log = next((tmp_path / "out2").rglob("*.log")).read_text() + res.stdout + res.stderr
     assert f"skipping bad image {path}" in log
+
+
+def test_a_fifo_named_like_an_image_never_blocks(cli, tmp_path):
+    """A FIFO in a class folder would block any open(); it is named as a bad file instead (error or skip)."""
+    root, _ = dataset(tmp_path)
+    fifo = root / "train" / "red" / "pipe.jpg"
+    os.mkfifo(fifo)
+    common = ["dataset=imagefolder", f"dataset.root={root}", "trainer=debug", "trainer.limit_train_batches=1",
+              "dataset.batch_size=4", "model=simple_cnn", f"output_root={tmp_path / 'out'}"]
+    res = cli(*common, timeout=300)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert str(fifo) in res.stderr and "FIFO" in res.stderr
+    res = cli(*common, "dataset.on_bad_image=skip", "dataset.max_bad_images=1", timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"skipping bad image {fifo}" in res.stdout + res.stderr

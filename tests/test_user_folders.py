@@ -98,7 +98,9 @@ def test_startup_names_size_crop_rule_and_recipe_in_one_line(cli, tmp_path):
 
 
 def test_decoded_cache_is_reused_and_follows_every_change(tmp_path, monkeypatch):
-    from resnet_cli.data import imagefolder as folder_module
+    import importlib
+
+    folder_module = importlib.import_module("resnet_cli.data.imagefolder")  # the module, not the builder
 
     root = digits(tmp_path, 32, 30, 10)
     first = imagefolder(root=str(root), batch_size=4)

@@ -123,6 +123,7 @@ TRAINER: dict[str, Dom] = {
     "overwrite": typed_bool(), "max_bad_steps": ints(0), "limit_train_batches": ints(0),
     "limit_val_batches": ints(0), "sync_batchnorm": typed_bool(), "log_graph": typed_bool(),
     "progress": SWITCH, "dry_run": typed_bool(),
+    "num_threads": either(listed(["auto"], []), ints(1), invalid=ints(1)),
 }
 MEAN = listed([[0.5, 0.5, 0.5], [-1.0, 0.0, 10.0]], [[0.5, 0.5], [0.5, "a", 0.5], [0.5, math.nan, 0.5], "abc"],
               st.lists(st.floats(-10, 10), min_size=3, max_size=3))
@@ -134,8 +135,9 @@ DATASET: dict[str, Dom] = {
     "num_train": ints(1), "num_val": ints(1),
     "image_size": either(listed(["auto"], []), ints(8), invalid=ints(8)),
     "batch_size": ints(1), "val_batch_size": either(listed([None], []), ints(1), invalid=ints(1)),
-    "num_workers": ints(0), "loader": words("auto", "memory", "dataloader", bad=("disk", "gpu")),
-    "augment": AUGMENT, "crop": words("auto", "pad", "resized", bad=("center", "random")), "pad": ints(0),
+    "num_workers": either(listed(["auto"], []), ints(0), invalid=ints(0)), "loader": words("auto", "memory", "dataloader", bad=("disk", "gpu")),
+    "augment": AUGMENT, "crop": words("auto", "pad", "resized", bad=("center", "random")),
+    "pad": either(listed(["auto"], []), ints(0), invalid=ints(0)),
     "pad_mode": words("reflect", "constant", "edge", bad=("wrap", "zero")), "cutout": ints(0),
     "mixup_alpha": NON_NEG, "cutmix_alpha": NON_NEG, "mean": MEAN, "std": STD, "drop_last": plain_bool(),
     # image folders
@@ -143,6 +145,7 @@ DATASET: dict[str, Dom] = {
     "val_fraction": FRACTION, "split_seed": ints(0),
     "resize": either(listed([None, "auto"], []), ints(1), invalid=ints(1)),
     "cache_size": either(listed([None], []), ints(1), invalid=ints(1)),
+    "auto_max_size": ints(8), "memory_budget": nums(0, 1, open_lo=True),
     "scale": listed([[0.08, 1.0], [0.5, 0.5], [1.0, 1.0]], [[0.9, 0.1], [0.0, 1.0], [0.5, 1.5], [0.1], [0.1, 0.5, 1.0],
                                                              "abc"],
                     st.tuples(st.floats(0.01, 1), st.floats(0.01, 1)).map(lambda p: sorted(p))),
@@ -409,10 +412,11 @@ def test_drawn_accepted_configs_train_to_the_end(tmp_path_factory, values):
 
 
 def test_validation_knows_the_real_augmentation_presets():
-    from resnet_cli.data.transforms import MEMORY_PRESETS, PRESETS
+    from resnet_cli.data.policy import MEMORY_AUGMENT
+    from resnet_cli.data.transforms import PRESETS
     from resnet_cli.validate import AUGMENT_PRESETS, MEMORY_PRESETS as MEMORY
 
-    assert tuple(PRESETS) == AUGMENT_PRESETS and tuple(MEMORY_PRESETS) == MEMORY
+    assert tuple(PRESETS) == AUGMENT_PRESETS and tuple(MEMORY_AUGMENT) == MEMORY
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs"

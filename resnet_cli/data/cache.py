@@ -20,6 +20,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from resnet_cli.fileio import atomic_write, is_regular_file
+
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
@@ -49,6 +51,8 @@ class FolderCache:
         self.index = self._read_index()
 
     def _read_index(self) -> dict:
+        if not is_regular_file(self.index_path):
+            return {}
         try:
             data = json.loads(self.index_path.read_text())
         except (OSError, ValueError):
@@ -85,11 +89,7 @@ class FolderCache:
             return
         name = f"{split}-{side}px-{self.key[:12]}.npy"
         try:
-            self.dir.mkdir(exist_ok=True)
-            tmp = self.dir / f".{name}.tmp{os.getpid()}"
-            with open(tmp, "wb") as f:
-                np.save(f, images.numpy())
-            os.replace(tmp, self.dir / name)
+            atomic_write(self.dir / name, lambda f: np.save(f, images.numpy()), durable=False)
         except OSError as exc:
             self._give_up(exc)
             return
@@ -108,10 +108,7 @@ class FolderCache:
         if not self.writable:
             return
         try:
-            self.dir.mkdir(exist_ok=True)
-            tmp = self.dir / f".index.json.tmp{os.getpid()}"
-            tmp.write_text(json.dumps(self.index) + "\n")
-            os.replace(tmp, self.index_path)
+            atomic_write(self.index_path, json.dumps(self.index) + "\n", durable=False)
         except OSError as exc:
             self._give_up(exc)
 

@@ -26,6 +26,7 @@ from resnet_cli.data.pipeline import ArraySplit, device_memory, make_bundle
 from resnet_cli.data.policy import choose_loader, resolve_geometry
 from resnet_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, parse_augment, to_rgb
 from resnet_cli.errors import UserError
+from resnet_cli.fileio import is_regular_file, kind_of, write_json
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,9 @@ def _reason(exc: BaseException) -> str:
 
 def _open_regular(path: str | os.PathLike) -> Image.Image:
     # A FIFO, socket or device named like an image would block the read: only regular files are opened.
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise OSError("not a regular file (a FIFO, socket or device)")
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise OSError(f"not a regular file but {kind_of(mode)}")
     return Image.open(path)
 
 
@@ -117,11 +119,8 @@ def stratified_split(files: dict[str, list[str]], val_fraction: float, seed: int
 
 
 def _write_json(path: Path, data: dict) -> bool:
-    # Atomic (temp file + replace) so a crash never leaves a half-written manifest.
     try:
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_json(path, data, durable=False)  # a lost manifest is recomputed identically, no fsync needed
         return True
     except OSError as exc:
         log.warning("cannot write %s (%s); the split is recomputed (identically) each run", path, exc)
@@ -129,6 +128,8 @@ def _write_json(path: Path, data: dict) -> bool:
 
 
 def _read_json(path: Path) -> dict | None:
+    if not is_regular_file(path):  # absent, or a FIFO that would block the read
+        return None
     try:
         data = json.loads(path.read_text())
         return data if data.get("version") == MANIFEST_VERSION else None
