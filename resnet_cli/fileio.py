@@ -83,6 +83,24 @@ def atomic_write(path: str | os.PathLike, data: Payload, *, durable: bool = True
     return path
 
 
+def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Make `path` a second name of the file `source` (a hard link), replacing `path` atomically.
+
+    Files here are only ever replaced by rename, never rewritten in place, so the two names
+    stay independent: a later replacement of `source` leaves `path` holding today's bytes.
+    Raises OSError where the filesystem has no hard links (the caller then writes a copy).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.link")
+    os.link(source, tmp)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_json(path: str | os.PathLike, data: Any, *, durable: bool = True) -> Path:
     """Write `data` as indented JSON (with a final newline) through atomic_write."""
     return atomic_write(path, json.dumps(data, indent=2) + "\n", durable=durable)

@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from resnet_cli import config as _schemas  # noqa: F401  (registers the typed schemas)
 from resnet_cli import config_dir, submitit_requeue
 from resnet_cli.errors import Refused, UserError, one_line
-from resnet_cli.fileio import atomic_write, write_json
+from resnet_cli.fileio import atomic_link, atomic_write, write_json
 from resnet_cli.runfolder import check_run_folder, clear_run
 
 log = logging.getLogger("resnet_cli")
@@ -433,7 +433,10 @@ class _Saver:
             self.last_good = target
             if best:
                 target = self.run_dir / self.io.BEST
-                self.io.atomic_save(ck, target)
+                try:  # best.pt is this very checkpoint: a second name for last.pt, not a second 100 MB write
+                    atomic_link(self.run_dir / self.io.LAST, target)
+                except OSError:
+                    self.io.atomic_save(ck, target)
             if self.top_k and epoch is not None and value is not None:
                 target = self.run_dir / "topk"
                 self._top_k(ck, epoch, value)

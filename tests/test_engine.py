@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import logging
 import math
 import sys
@@ -206,7 +207,7 @@ def test_precision_and_memory_format_auto_follow_the_hardware(monkeypatch):
     assert runtime.resolve_channels_last("auto", cpu, "bf16") is True
     monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
     assert runtime.resolve_precision("auto", cpu) == "fp32"
-    assert runtime.resolve_channels_last("auto", cpu, "fp32") is False
+    assert runtime.resolve_channels_last("auto", cpu, "fp32") is True  # oneDNN: NHWC is faster in fp32 too (bench_memory_format)
     assert runtime.resolve_channels_last("true", cpu, "fp32") is True
     with pytest.raises(UserError, match="trainer.precision=fp16"):
         runtime.resolve_precision("fp16", cpu)
@@ -295,3 +296,16 @@ def test_device_finiteness_flags_are_read_without_waiting_until_one_step_late():
     loop.pending.append((torch.tensor(False), _FakeEvent(ready=False), 3, 1))
     with pytest.raises(engine.NonFiniteLoss, match="epoch 3, step 1"):
         loop.check_finite(wait=True)  # a logged step syncs anyway
+
+
+def test_best_is_a_second_name_for_last_and_keeps_its_bytes(train_inproc):
+    """best.pt is hard-linked to the last.pt it equals (one write, not two) and outlives last.pt's replacement."""
+    from resnet_cli.fileio import atomic_link, atomic_write
+
+    _, run = train_inproc("model=simple_cnn", "trainer.epochs=1")
+    assert os.path.samefile(run / "best.pt", run / "last.pt")
+    before = (run / "best.pt").read_bytes()
+    atomic_write(run / "last.pt", b"a later epoch")
+    assert (run / "best.pt").read_bytes() == before and (run / "last.pt").read_bytes() == b"a later epoch"
+    atomic_link(run / "last.pt", run / "best.pt")
+    assert (run / "best.pt").read_bytes() == b"a later epoch"
