@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import functools
-import os
 import logging
 import math
+import os
 import sys
 
 import pytest
