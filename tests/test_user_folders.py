@@ -90,7 +90,7 @@ def test_startup_names_size_crop_rule_and_recipe_in_one_line(cli, tmp_path):
     plan = [line for line in res.stdout.splitlines() if "plan: " in line]
     assert len(plan) == 1, res.stdout
     for phrase in ("size 32 px (auto: median short side 32 px)", "train pad 4 + random crop + flip",
-                   "eval whole image", "loader memory (auto:", "recipe: AdamW lr 0.001", "OneCycleLR peak 0.001",
+                   "eval whole image", "loader memory (auto:", "recipe: AdamW lr 0.003", "OneCycleLR peak 0.003",
                    "batch 64"):
         assert phrase in plan[0], plan[0]
     runtime = next(line for line in res.stdout.splitlines() if "runtime: " in line)
@@ -127,6 +127,11 @@ def test_decoded_cache_is_reused_and_follows_every_change(tmp_path, monkeypatch)
     assert (images == 77).flatten(1).all(1).sum() == 1 and (images == 200).flatten(1).all(1).sum() == 1
     fourth = imagefolder(root=str(root), batch_size=4)
     assert "hit" in fourth.summary and torch.equal(fourth.train.images, third.train.images)
+    # A folder split by resnet-train keeps its cache beside the class folders: never taken for a class.
+    single = digits(tmp_path, 32, 40, name="single")
+    imagefolder(root=str(single), batch_size=4)
+    again = imagefolder(root=str(single), batch_size=4)
+    assert (single / ".resnet-cache").is_dir() and len(again.class_names) == 10 and "hit" in again.summary
 
 
 def test_memory_resized_crop_draws_torchvisions_distribution():
