@@ -291,12 +291,17 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str
             draw.text((x1_px - 52, ly), label, fill=colour, font=font)
 
 
-def training_curves(history: Sequence[dict], lr_steps: Sequence[tuple[int, float]]) -> Image.Image:
-    """The ResNet-9 tutorial's figures in one picture: loss and accuracy per epoch (train and val), lr per step."""
+def training_curves(history: Sequence[dict], lr_steps: Sequence[float], max_points: int = 2000) -> Image.Image:
+    """The ResNet-9 tutorial's figures in one picture: loss and accuracy per epoch (train and val), lr per step.
+
+    `lr_steps[i]` is the lr of optimizer step i + 1; at most max_points of them are drawn (evenly spaced).
+    """
     width, height = 3 * 360, 300
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     epochs = [float(r["epoch"]) for r in history]
+    stride = max(1, -(-len(lr_steps) // max_points))
+    picks = sorted(set(range(0, len(lr_steps), stride)) | ({len(lr_steps) - 1} if lr_steps else set()))
     _panel(draw, (0, 0, 360, height), "loss per epoch", "epoch",
            [("train", epochs, [float(r["train_loss"]) for r in history]),
             ("val", epochs, [float(r["val_loss"]) for r in history])])
@@ -304,11 +309,11 @@ def training_curves(history: Sequence[dict], lr_steps: Sequence[tuple[int, float
            [("train", epochs, [float(r["train_acc"]) for r in history]),
             ("val", epochs, [float(r["val_acc"]) for r in history])])
     _panel(draw, (720, 0, 1080, height), "learning rate per optimizer step", "step",
-           [("", [float(s) for s, _ in lr_steps], [float(v) for _, v in lr_steps])])
+           [("", [i + 1.0 for i in picks], [float(lr_steps[i]) for i in picks])])
     return img
 
 
-def write_curves(tracker, history: Sequence[dict], lr_steps: Sequence[tuple[int, float]], step: int | None = None,
+def write_curves(tracker, history: Sequence[dict], lr_steps: Sequence[float], step: int | None = None,
                  name: str = "curves.png") -> None:
     """Save training_curves as <run>/curves.png; with `step`, also log it to TensorBoard as train/curves."""
     if not tracker.enabled or not history:

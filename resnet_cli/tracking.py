@@ -121,7 +121,8 @@ class Tracker:
             return summary_pb2.Summary(value=[summary_pb2.Summary.Value(
                 tag=tag, metadata=metadata.create_summary_metadata(data), tensor=metadata.NULL_TENSOR)])
 
-        fw.add_summary(plugin_summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)))
+        fw.add_summary(plugin_summary(metadata.EXPERIMENT_TAG,
+                                      plugin_data_pb2.HParamsPluginData(experiment=experiment)))
         fw.add_summary(hp.hparams_pb(clean, trial_id=trial_id))
         fw.add_summary(plugin_summary(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(
             session_end_info=plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS))))

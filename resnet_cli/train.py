@@ -406,6 +406,7 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
                 batches_per_epoch: int, table_header, table_row, class_names) -> float:
     """The epoch loop: train, evaluate, log, checkpoint, stop early or on a signal."""
     import itertools
+    from array import array
 
     tcfg, rt = cfg.trainer, loop.rt
     monitor = getattr(tcfg.monitor, "value", str(tcfg.monitor))
@@ -420,10 +421,11 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
     # A log line every `lines_every` steps where no bar is shown (SLURM, CI, nohup): a logged step syncs anyway.
     lines_every = progress_every(int(tcfg.progress_every_n_steps), loop.log_every,
                                  batches_per_epoch // loop.accum_steps) if mode == "lines" else 0
-    # The lr of every optimizer step (Python floats), for curves.png; a resumed run reads its earlier steps back.
-    lr_steps: list[tuple[int, float]] = []
+    # The lr of every optimizer step (8 bytes each: 4 MB per 500k steps), for curves.png, from step 1;
+    # a resumed run reads its earlier steps back from its events.
+    lr_steps = array("d")
     if rt.is_main and st.start_epoch + st.start_batch > 0:
-        lr_steps = [(s, v) for s, v in tracker.read_scalars("train/lr") if s <= loop.global_step]
+        lr_steps.extend(v for s, v in tracker.read_scalars("train/lr") if s <= loop.global_step)
 
     grad_norm = reports.GradNormProbe(loop, loop.log_every) if rt.is_main else None
     if rt.is_main:
@@ -446,7 +448,7 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
             # Every step: the lr is a Python float (no sync), so OneCycle's first and last steps are drawn.
             tracker.scalars({"train/lr": loop.last_lr}, step)
             if rt.is_main:
-                lr_steps.append((step, loop.last_lr))
+                lr_steps.append(loop.last_lr)
             if step % loop.log_every == 0:
                 loop.check_finite()  # this step syncs anyway: a bad loss is never logged as a point
                 now = time.perf_counter()
@@ -543,7 +545,8 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
                 log.info("early stop: %s did not improve for %d epochs", monitor, patience)
             break
     if rt.is_main and st.history:
-        _final_hparams(cfg, tracker, saver.run_dir, image_size=int(bundle.eval_spec["crop"]), precision=rt.precision)
+        _final_hparams(cfg, tracker, saver.run_dir, image_size=int(bundle.eval_spec["crop"]),
+                       precision=rt.precision)
     return max((r["val_acc"] for r in st.history), default=0.0)  # what sweepers optimise
 
 

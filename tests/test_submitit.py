@@ -30,11 +30,11 @@ RUN = {**dict(item.split("=", 1) for item in TINY), "model": "simple_cnn", "data
        "trainer.deterministic": "true", "trainer.checkpoint_every_n_steps": "1", "trainer.log_every_n_steps": "1",
        "trainer.resume": "auto"}
 STEPS = 2 * 128 // 16
-SWEEP_TIMEOUT_S = 300
+SWEEP_TIMEOUT_S = 300  # a bound, not a wait: the sweep takes ~40 s here
 # Job folders are named by run_label (job number, then the key overrides); the test waits for job 0's
 # train.log before the folder exists, so it names the folders the same way.
 JOB_FOLDER = {0: "0" + run_label("default", [f"{k}={v}" for k, v in RUN.items()] + ["optimizer=adam"]),
-              1: "1" + run_label("default", [f"{k}={v}" for k, v in RUN.items()] + ["optimizer=sgd"])}  # a bound, not a wait: the sweep takes ~40 s here
+              1: "1" + run_label("default", [f"{k}={v}" for k, v in RUN.items()] + ["optimizer=sgd"])}
 
 
 @pytest.fixture

@@ -99,7 +99,7 @@ def test_predict_annotate_draws_each_image_with_its_classes(trained, val_pngs, t
         assert drawn.crop((x0, 0, x0 + 320, 320)).tobytes() == photo.tobytes()
         assert drawn.height > 320 + 3 * 18 and drawn.size != src.size
         caption = drawn.crop((0, 320, drawn.width, drawn.height))
-        assert min(caption.convert("L").getdata()) < 80  # dark text on white
+        assert min(caption.convert("L").tobytes()) < 80  # dark text on white
     # The top-1 name is what is drawn: another name gives other caption pixels and the same photo.
     other = annotate(first["file"], [{**first["top"][0], "class": "SOMETHING ELSE"}, *first["top"][1:]])
     again = annotate(first["file"], first["top"])

@@ -115,7 +115,7 @@ def test_tensorboard_scalars_and_the_curves_png_are_written(train_inproc):
     # The tutorials' figure: loss and accuracy per epoch, lr per step, as a PNG and in TensorBoard.
     with Image.open(run / "curves.png") as img:
         assert img.format == "PNG" and img.width >= 900 and img.height >= 200
-        assert len(set(img.convert("RGB").getdata())) > 10  # drawn, not blank
+        assert len(img.convert("RGB").getcolors(1 << 20)) > 10  # drawn, not blank
     assert "train/curves" in acc.Tags()["images"]
 
 
