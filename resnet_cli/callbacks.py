@@ -49,6 +49,7 @@ class SweepSummary(Callback):
         self._sweep_dir = Path(str(config.hydra.sweep.dir))
         self._done = False
         atexit.register(self._at_exit)
+        write_swept_keys(config, self._sweep_dir)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Start the job's wall clock."""
@@ -210,3 +211,31 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+SWEPT = "swept_keys.json"  # in the sweep folder: the keys the sweep varies (TensorBoard's HParams shows them first)
+
+
+def write_swept_keys(config: DictConfig, sweep_dir: Path) -> list[str]:
+    """Record which keys this multirun varies: sweep syntax on the command line and the sweeper's params."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys: list[str] = []
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        keys = [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
+    except Exception:  # noqa: BLE001 - an unparsable list only loses the ordering hint
+        keys = []
+    params = config.hydra.get("sweeper", {}).get("params") or {}
+    keys += [str(k) for k in params if str(k) not in keys]  # Optuna's search space
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(sweep_dir / SWEPT, json.dumps(keys) + "\n")
+    return keys
+
+
+def read_swept_keys(sweep_dir: Path) -> list[str] | None:
+    """The keys write_swept_keys recorded for this sweep folder (None outside a sweep or if unreadable)."""
+    try:
+        return [str(k) for k in json.loads((Path(sweep_dir) / SWEPT).read_text())]
+    except (OSError, ValueError, TypeError):
+        return None

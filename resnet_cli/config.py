@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class Precision(str, Enum):
@@ -56,6 +56,7 @@ class TrainerConfig:
     monitor: Monitor = Monitor.val_acc
     early_stop_patience: int = 0  # epochs without improvement before stopping; 0 = off
     log_every_n_steps: int = 20  # the only steps that synchronise host and device
+    progress_every_n_steps: int = 0  # without a progress bar: a log line every N steps; 0 = about 10 per epoch
     checkpoint_every_n_steps: int = 0  # mid-epoch checkpoints; 0 = at epoch ends only
     save_top_k: int = 0  # keep the k best epochs as topk/*.pt besides best.pt; 0 = off
     resume: Optional[str] = None  # null | auto | path to a checkpoint or run folder
@@ -65,7 +66,7 @@ class TrainerConfig:
     limit_val_batches: int = 0
     sync_batchnorm: bool = False  # SyncBatchNorm under torchrun
     log_graph: bool = False  # write the model graph to TensorBoard
-    progress: str = "auto"  # auto (a terminal only) | true | false
+    progress: str = "auto"  # auto (a bar on a terminal, else log lines) | true (bar) | lines | false
     dry_run: bool = False  # build data and model, print the plan, do not train
 
 
@@ -82,10 +83,45 @@ class TrainConfig:
     name: str = "resnet"  # a label for the run (TensorBoard hparams, sweep summaries)
 
 
+# Overrides that say where or how a run is watched, not what it trains: left out of run folder names.
+UNLABELLED = {"output_root", "trainer.device", "trainer.progress", "trainer.progress_every_n_steps",
+               "trainer.log_every_n_steps", "trainer.resume", "trainer.num_threads", "trainer.dry_run",
+               "trainer.checkpoint_every_n_steps", "dataset.root", "dataset.url", "dataset.md5", "dataset.sha256",
+               "dataset.num_workers", "dataset.download"}
+LABEL_MAX = 80  # characters of a run folder's label (file names stop at 255 bytes)
+
+
+def run_label(name: Any, overrides: Any) -> str:
+    """'_<name>,<key overrides>' for a run folder name (so TensorBoard's legend tells runs apart), or ''.
+
+    The overrides keep their command-line order (what a sweep varies is usually typed first); those
+    of paths and of how the run is watched are left out, characters unsafe in a folder name are replaced, and the
+    label keeps the whole items that fit in LABEL_MAX characters.
+    """
+    items = []
+    for item in list(overrides or ()):
+        key, _, value = str(item).partition("=")
+        key = key.lstrip("+~")
+        if key in UNLABELLED or key.startswith("hydra") or "/" in value or "\\" in value:
+            continue
+        if key == "name" or (key == "experiment" and value == str(name)):
+            continue  # the name leads the label already
+        items.append(f"{key}={value}")
+    parts = ([] if str(name) in ("", "default") else [str(name)]) + items
+    label = ",".join(parts)
+    label = "".join(c if c.isalnum() or c in "=,.-+_" else "_" for c in label)
+    if len(label) > LABEL_MAX:  # whole items only, as many as fit
+        cut = label.rfind(",", 0, LABEL_MAX + 1)
+        label = label[:cut] if cut > 0 else label[:LABEL_MAX]
+    return f"_{label}" if label else ""
+
+
 def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (idempotent)."""
+    """Register the schemas with Hydra's ConfigStore and the run_label resolver (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("run_label"):
+        OmegaConf.register_new_resolver("run_label", run_label)
 
 
 register_configs()

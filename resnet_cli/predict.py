@@ -1,6 +1,7 @@
 """`resnet-predict`: classify image files with a trained checkpoint; top-k names and probabilities out.
 
     resnet-predict outputs/2026-01-01/12-00-00 photo.jpg more_photos/ --topk 3 --json preds.json
+    resnet-predict outputs/2026-01-01/12-00-00 photo.jpg --annotate annotated/   # the picture, labelled
 
 The checkpoint carries everything needed: the model config, the class names and the
 eval transform (resize, crop, mean, std), so predictions match what validation measured.
@@ -176,6 +177,96 @@ def predict(model, ckpt: dict, files: Sequence[Path], topk: int = 5, batch_size:
     return results
 
 
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names from JSON: our class_names.json (a list) or the tutorials' class_indices.json ({"0": "daisy"})."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--class-names {path}: cannot read it as JSON ({one_line(exc)})") from exc
+    if isinstance(data, list) and all(isinstance(n, str) for n in data):
+        return list(data)
+    if isinstance(data, dict):
+        try:
+            by_index = {int(k): str(v) for k, v in data.items()}
+        except ValueError:
+            by_index = {}
+        if by_index and sorted(by_index) == list(range(len(by_index))):
+            return [by_index[i] for i in range(len(by_index))]
+    raise UserError(f"--class-names {path}: expected a list of names or {{\"0\": \"name\", ...}} with indices 0..n-1")
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:  # a scalable font where Pillow has FreeType; its bitmap font otherwise
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def annotate(path: str | Path, top: Sequence[dict], max_side: int = 320):
+    """The image (fitted into max_side) above its top-k classes with probability bars, as a PIL image."""
+    from PIL import Image, ImageDraw
+
+    with Image.open(path) as img:
+        picture = img.convert("RGB")
+    scale = max_side / max(picture.size)
+    picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+                             Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+    big, small = _font(18), _font(13)
+    width = max(picture.width, 260)
+    line = 18
+    height = picture.height + 34 + line * len(top)
+    canvas = Image.new("RGB", (width, height), "white")
+    canvas.paste(picture, ((width - picture.width) // 2, 0))
+    draw = ImageDraw.Draw(canvas)
+    y = picture.height + 6
+    best = top[0]
+    draw.text((6, y), f"{best['class']}  {best['prob']:.1%}", fill=(20, 20, 20), font=big)
+    y += 26
+    for t in top:
+        bar = int((width - 150) * float(t["prob"]))
+        draw.rectangle([140, y + 3, 140 + max(bar, 1), y + line - 4], fill=(60, 110, 210))
+        draw.text((6, y + 1), f"{t['class'][:16]}", fill="black", font=small)
+        draw.text((96, y + 1), f"{t['prob']:.1%}", fill="black", font=small)
+        y += line
+    return canvas
+
+
+def write_annotated(results: list[dict], out_dir: str | Path, max_grid: int = 64) -> list[Path]:
+    """Write <out_dir>/<name>.png for each result (its "annotated" entry says where) and, for several, grid.png."""
+    from PIL import Image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written, used, tiles = [], set(), []
+    for r in results:
+        stem = Path(r["file"]).stem
+        name, n = f"{stem}.png", 1
+        while name in used or name == "grid.png":  # files of the same name in different folders
+            n += 1
+            name = f"{stem}_{n}.png"
+        used.add(name)
+        img = annotate(r["file"], r["top"])
+        img.save(out / name)
+        r["annotated"] = str(out / name)
+        written.append(out / name)
+        if len(tiles) < max_grid:
+            tiles.append(img)
+    if len(tiles) > 1:
+        # The tutorials' figure of several predictions: the annotated images in rows of up to four.
+        cols = min(4, len(tiles))
+        w, h = max(t.width for t in tiles), max(t.height for t in tiles)
+        rows = -(-len(tiles) // cols)
+        grid = Image.new("RGB", (cols * w + (cols + 1) * 4, rows * h + (rows + 1) * 4), (200, 200, 200))
+        for i, t in enumerate(tiles):
+            grid.paste(t, (4 + (i % cols) * (w + 4), 4 + (i // cols) * (h + 4)))
+        grid.save(out / "grid.png")
+        written.append(out / "grid.png")
+    return written
+
+
 def format_table(results: list[dict]) -> str:
     """One row per image: the file, then 'name prob' for each of the top k."""
     width = max([len("file")] + [len(r["file"]) for r in results])
@@ -214,6 +305,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--topk", type=positive_int, default=5, help="classes per image (default 5)")
     ap.add_argument("--json", metavar="FILE", help="also write the predictions as JSON ('-' for stdout)")
     ap.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV ('-' for stdout)")
+    ap.add_argument("--annotate", metavar="OUT_DIR",
+                    help="write each image with its top-k classes and probabilities drawn under it, as "
+                         "OUT_DIR/<name>.png, and OUT_DIR/grid.png of them all (first 64) for several images")
+    ap.add_argument("--class-names", metavar="FILE",
+                    help="names to print instead of the checkpoint's: class_names.json (a list) or "
+                         "class_indices.json ({\"0\": \"daisy\", ...})")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     ap.add_argument("--batch-size", type=positive_int, default=64)
     ap.add_argument("--on-bad-image", choices=ON_BAD_IMAGE, default="error",
@@ -224,8 +321,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> list[dict]:
     """Predict as the parsed command line asks, printing the table and writing the files."""
     files = find_images(args.images)  # check the inputs before paying for torch and the model
+    names = read_class_names(args.class_names) if args.class_names else None
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)
+    if names is not None:
+        if len(names) != len(ckpt["class_names"]):
+            raise UserError(f"--class-names {args.class_names}: {len(names)} names, but the model has "
+                            f"{len(ckpt['class_names'])} classes")
+        ckpt["class_names"] = names
     skipped: list = []
     results = predict(model, ckpt, files, topk=args.topk, batch_size=args.batch_size, device=device,
                       on_bad_image=args.on_bad_image, skipped=skipped)
@@ -234,6 +337,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     if skipped:
         print(f"resnet-predict: {len(skipped)} of {len(files)} image(s) skipped (--on-bad-image skip)",
               file=sys.stderr)
+    if args.annotate:
+        written = write_annotated(results, args.annotate)
+        print(f"annotated {len(results)} image(s) in {args.annotate}"
+              f"{' (grid.png: all of them)' if len(written) > len(results) else ''}", file=sys.stderr)
     to_stdout = "-" in (args.json, args.csv)
     if not to_stdout:
         print(format_table(results))

@@ -86,24 +86,27 @@ def confusion_image(cm: torch.Tensor, class_names: Sequence[str]) -> torch.Tenso
     return _to_tensor(img)
 
 
-def labelled_grid(images: torch.Tensor, captions: Sequence[Sequence[str]], nrow: int = 4) -> torch.Tensor:
+def labelled_grid(images: torch.Tensor, captions: Sequence[Sequence[str]], nrow: int = 4,
+                  tile: int = _TILE) -> torch.Tensor:
     """Thumbnails (float NCHW in [0, 1]) with lines of text under each, as one CHW image."""
     font = _font()
     lines = max((len(c) for c in captions), default=1)
     cap_h = 12 * lines + 4
     tiles = []
     for img, caption in zip(images, captions):
-        thumb = TF.resize(img, [_TILE, _TILE], interpolation=TF.InterpolationMode.NEAREST)
+        # Small images are scaled up pixel by pixel (sharp); large ones are scaled down smoothly.
+        mode = TF.InterpolationMode.NEAREST if img.shape[-1] <= tile else TF.InterpolationMode.BILINEAR
+        thumb = TF.resize(img, [tile, tile], interpolation=mode, antialias=True)
         pil = TF.to_pil_image(thumb)
-        width = max([_TILE] + [_text_width(ImageDraw.Draw(pil), t, font) + 4 for t in caption])
-        tile = Image.new("RGB", (width, _TILE + cap_h), "white")
-        tile.paste(pil, ((width - _TILE) // 2, 0))
-        draw = ImageDraw.Draw(tile)
+        width = max([tile] + [_text_width(ImageDraw.Draw(pil), t, font) + 4 for t in caption])
+        canvas = Image.new("RGB", (width, tile + cap_h), "white")
+        canvas.paste(pil, ((width - tile) // 2, 0))
+        draw = ImageDraw.Draw(canvas)
         for k, text in enumerate(caption):
-            draw.text((2, _TILE + 2 + 12 * k), text, fill="black", font=font)
-        tiles.append(tile)
+            draw.text((2, tile + 2 + 12 * k), text, fill="black", font=font)
+        tiles.append(canvas)
     if not tiles:
-        return torch.ones(3, _TILE, _TILE)
+        return torch.ones(3, tile, tile)
     w, h = max(t.width for t in tiles), max(t.height for t in tiles)
     batch = torch.stack([_to_tensor(_pad_to(t, w, h)) for t in tiles])
     return make_grid(batch, nrow=nrow, padding=2, pad_value=0.5)
@@ -154,17 +157,34 @@ def log_evaluation(tracker, val: dict, class_names: Sequence[str], eval_spec: di
     # Markdown renders a code block verbatim, so the table stays aligned in TensorBoard's text tab.
     tracker.text(f"{prefix}/per_class_accuracy", "    " + accuracy_table(cm, class_names).replace("\n", "\n    "), step)
     grid = misclassified_grid(val.get("wrong", {}), class_names, eval_spec["mean"], eval_spec["std"])
-    if grid is not None:
-        tracker.image(f"{prefix}/misclassified", grid, step)
+    if grid is None:
+        # Always at the confusion matrix's step, so both images open on the same epoch.
+        grid = message_image(f"no errors: all {int(cm.sum())} validation images classified right")
+    tracker.image(f"{prefix}/misclassified", grid, step)
     return cm
 
 
+def message_image(text: str, size: tuple[int, int] = (320, 64)) -> torch.Tensor:
+    """A white tile (CHW, [0, 1]) with one line of text, in place of an empty picture."""
+    img = Image.new("RGB", size, "white")
+    ImageDraw.Draw(img).text((8, size[1] // 2 - 6), text, fill="black", font=_font())
+    return _to_tensor(img)
+
+
 def log_augmented_batch(tracker, bundle, max_images: int = 32) -> None:
-    """Log one grid of the first training batch exactly as the network receives it (after augmentation)."""
+    """Log one grid of the first training batch exactly as the network receives it, each tile labelled."""
     bundle.train.set_epoch(0)
-    images, _ = next(iter(bundle.train.iter_from(0)))
+    images, targets = next(iter(bundle.train.iter_from(0)))
+    images, targets = images[:max_images], targets[:max_images]
+    if targets.ndim == 2:  # mixup/cutmix soft targets: the dominant class
+        targets = targets.argmax(1)
+    names = list(bundle.class_names)
+    captions = [(names[int(t)],) for t in targets.cpu()]
     spec = bundle.eval_spec
-    tracker.image("train/augmented_batch", image_grid(images[:max_images], spec["mean"], spec["std"]), 0)
+    # Tiles at the crop size up to 128 px, at least 64 px so a class name fits under each.
+    tile = max(_TILE, min(int(images.shape[-1]), 128))
+    grid = labelled_grid(denormalize(images, spec["mean"], spec["std"]), captions, nrow=8, tile=tile)
+    tracker.image("train/augmented_batch", grid, 0)
 
 
 class GradNormProbe:
@@ -223,3 +243,85 @@ def curve_image(xs: Sequence[float], ys: Sequence[float], *, title: str, log_x: 
         m = px(tx(mark))
         draw.line([m, top, m, h - bottom], fill=(200, 40, 40), width=1)
     return _to_tensor(img)
+
+
+_SERIES_COLOURS = ((30, 90, 200), (220, 100, 20), (40, 150, 60), (170, 40, 160))
+
+
+def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, xlabel: str,
+           series: Sequence[tuple[str, Sequence[float], Sequence[float]]]) -> None:
+    """One line chart inside box (left, top, right, bottom): axes, ticks, the series and their legend."""
+    import math
+
+    font = _font()
+    left, top, right, bottom = box
+    draw.text((left + 40, top + 2), title, fill="black", font=font)
+    x0_px, x1_px, y0_px, y1_px = left + 48, right - 8, top + 18, bottom - 28
+    draw.rectangle([x0_px, y0_px, x1_px, y1_px], outline="black")
+    draw.text(((x0_px + x1_px) // 2 - 3 * len(xlabel), bottom - 13), xlabel, fill="black", font=font)
+    points = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys) if math.isfinite(y)]
+    if not points:
+        draw.text((x0_px + 8, y0_px + 8), "no data", fill="black", font=font)
+        return
+    xa, xb = min(p[0] for p in points), max(p[0] for p in points)
+    ya, yb = min(p[1] for p in points), max(p[1] for p in points)
+    xb, yb = (xb if xb > xa else xa + 1), (yb if yb > ya else ya + abs(ya) * 0.1 + 1e-12)
+    pad = (yb - ya) * 0.05
+    ya, yb = ya - pad, yb + pad
+    px = lambda v: x0_px + (v - xa) / (xb - xa) * (x1_px - x0_px)  # noqa: E731
+    py = lambda v: y1_px - (v - ya) / (yb - ya) * (y1_px - y0_px)  # noqa: E731
+    for k in range(5):
+        v = ya + (yb - ya) * k / 4
+        draw.line([x0_px - 3, py(v), x0_px, py(v)], fill="black")
+        draw.text((left + 2, py(v) - 6), f"{v:.3g}", fill="black", font=font)
+    for k in range(5):
+        v = xa + (xb - xa) * k / 4
+        draw.line([px(v), y1_px, px(v), y1_px + 3], fill="black")
+        draw.text((px(v) - 8, y1_px + 4), f"{v:.4g}", fill="black", font=font)
+    for n, (label, xs, ys) in enumerate(series):
+        colour = _SERIES_COLOURS[n % len(_SERIES_COLOURS)]
+        pts = [(px(x), py(y)) for x, y in zip(xs, ys) if math.isfinite(y)]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        for x, y in pts if len(pts) <= 60 else ():  # markers where there are few points (per-epoch curves)
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        if label:
+            ly = y0_px + 4 + 12 * n
+            draw.line([x1_px - 70, ly + 6, x1_px - 56, ly + 6], fill=colour, width=2)
+            draw.text((x1_px - 52, ly), label, fill=colour, font=font)
+
+
+def training_curves(history: Sequence[dict], lr_steps: Sequence[float], max_points: int = 2000) -> Image.Image:
+    """The ResNet-9 tutorial's figures in one picture: loss and accuracy per epoch (train and val), lr per step.
+
+    `lr_steps[i]` is the lr of optimizer step i + 1; at most max_points of them are drawn (evenly spaced).
+    """
+    width, height = 3 * 360, 300
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    epochs = [float(r["epoch"]) for r in history]
+    stride = max(1, -(-len(lr_steps) // max_points))
+    picks = sorted(set(range(0, len(lr_steps), stride)) | ({len(lr_steps) - 1} if lr_steps else set()))
+    _panel(draw, (0, 0, 360, height), "loss per epoch", "epoch",
+           [("train", epochs, [float(r["train_loss"]) for r in history]),
+            ("val", epochs, [float(r["val_loss"]) for r in history])])
+    _panel(draw, (360, 0, 720, height), "accuracy per epoch", "epoch",
+           [("train", epochs, [float(r["train_acc"]) for r in history]),
+            ("val", epochs, [float(r["val_acc"]) for r in history])])
+    _panel(draw, (720, 0, 1080, height), "learning rate per optimizer step", "step",
+           [("", [i + 1.0 for i in picks], [float(lr_steps[i]) for i in picks])])
+    return img
+
+
+def write_curves(tracker, history: Sequence[dict], lr_steps: Sequence[float], step: int | None = None,
+                 name: str = "curves.png") -> None:
+    """Save training_curves as <run>/curves.png; with `step`, also log it to TensorBoard as train/curves."""
+    if not tracker.enabled or not history:
+        return
+    img = training_curves(history, lr_steps)
+    path = tracker.run_dir / name
+    tmp = path.with_name(f".{name}.tmp")
+    img.save(tmp, format="PNG")
+    tmp.replace(path)  # readers never see half a PNG
+    if step is not None:
+        tracker.image("train/curves", _to_tensor(img), step)

@@ -228,6 +228,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         if rt.is_main and tcfg.overwrite and resume_from is None:
             clear_run(run_dir)  # as late as possible: a run that failed to start left the old one whole
         tracker = Tracker(run_dir, rt.is_main, purge_step=loop.global_step + 1 if resume_from else None)
+        if resume_from is None:
+            tracker.layout(_CHARTS)  # Custom Scalars: train and val loss (and accuracy) on one chart
         if rt.is_main:
             write_json(run_dir / "class_names.json", class_names)
         saver = _Saver(run_dir, rt, ckpt_io, raw_model, loop, plain, class_names, bundle.eval_spec, tcfg)
@@ -469,14 +471,26 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
                 batches_per_epoch: int, table_header, table_row, class_names) -> float:
     """The epoch loop: train, evaluate, log, checkpoint, stop early or on a signal."""
     import itertools
+    from array import array
 
     tcfg, rt = cfg.trainer, loop.rt
     monitor = getattr(tcfg.monitor, "value", str(tcfg.monitor))
     epochs = int(tcfg.epochs)
     ckpt_every = int(tcfg.checkpoint_every_n_steps)
     patience = int(tcfg.early_stop_patience)
-    show_progress = _progress_enabled(tcfg.progress) and rt.is_main
+    mode = _progress_mode(tcfg.progress) if rt.is_main else None
+    show_progress = mode == "bar"
     from resnet_cli import reports
+    from resnet_cli.tracking import progress_every, progress_line
+
+    # A log line every `lines_every` steps where no bar is shown (SLURM, CI, nohup): a logged step syncs anyway.
+    lines_every = progress_every(int(tcfg.progress_every_n_steps), loop.log_every,
+                                 batches_per_epoch // loop.accum_steps) if mode == "lines" else 0
+    # The lr of every optimizer step (8 bytes each: 4 MB per 500k steps), for curves.png, from step 1;
+    # a resumed run reads its earlier steps back from its events.
+    lr_steps = array("d")
+    if rt.is_main and st.start_epoch + st.start_batch > 0:
+        lr_steps.extend(v for s, v in tracker.read_scalars("train/lr") if s <= loop.global_step)
 
     grad_norm = reports.GradNormProbe(loop, loop.log_every) if rt.is_main else None
     if rt.is_main:
@@ -496,22 +510,32 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
 
         def on_step(done: int, run, loss) -> bool:
             step = loop.global_step
+            # Every step: the lr is a Python float (no sync), so OneCycle's first and last steps are drawn.
+            tracker.scalars({"train/lr": loop.last_lr}, step)
+            if rt.is_main:
+                lr_steps.append(loop.last_lr)
             if step % loop.log_every == 0:
                 loop.check_finite()  # this step syncs anyway: a bad loss is never logged as a point
                 now = time.perf_counter()
                 ips = (run.count - window["n"]) * rt.world_size / max(now - window["t"], 1e-9)
                 window.update(t=now, n=run.count)
-                values = {"train/loss": float(loss), "lr": loop.last_lr,
-                          "train/images_per_sec": ips}
+                # Per-step values carry _step or per-second names; train/loss is the epoch mean.
+                values = {"train/loss_step": float(loss), "train/images_per_sec": ips}
                 norm = grad_norm.pop() if grad_norm is not None else None
                 if norm is not None:
                     values["train/grad_norm"] = norm
                 tracker.scalars(values, step)
-                if progress is not None:
+                if progress is not None or (lines_every and step % lines_every == 0):
                     # Running accuracy of this rank's epoch so far: a logged step syncs anyway.
                     acc = float(run.correct) / max(run.count, 1)
-                    progress.set_postfix(loss=f"{values['train/loss']:.3f}", acc=f"{acc:.3f}",
-                                         lr=f"{values['lr']:.2e}", img_s=f"{ips:.0f}")
+                if progress is not None:
+                    progress.set_postfix(loss=f"{values['train/loss_step']:.3f}", acc=f"{acc:.3f}",
+                                         lr=f"{loop.last_lr:.2e}", img_s=f"{ips:.0f}")
+                elif lines_every and step % lines_every == 0 and done < batches_per_epoch:  # the row follows
+                    log.info("%s", progress_line(
+                        epoch + 1, epochs, done, batches_per_epoch, loss=values["train/loss_step"], acc=acc,
+                        lr=loop.last_lr, images_per_sec=ips, epoch_elapsed=time.perf_counter() - t0,
+                        epoch_done=done - start, steps_left_after=(epochs - epoch - 1) * batches_per_epoch))
                 if rt.distributed and _any_rank(stopper.signal is not None, rt):
                     stopper.signal = stopper.signal or "peer"
             # Under DDP the ranks agree on a signal only at logged steps (see above), so they stop together.
@@ -548,9 +572,10 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
                "img/s": (running.count - n0) * rt.world_size / max(seconds, 1e-9), "time_s": seconds}
         if "top5" in val:
             row["val_top5"] = val["top5"]
-        # The epoch mean has its own tag: under train/loss it would be a second point at a logged step.
-        metrics = {"train/epoch_loss": train["loss"], "train/acc": train["acc"], "val/loss": val["loss"],
-                   "val/acc": val["acc"], "train/epoch_images_per_sec": row["img/s"]}
+        # Per-epoch means at the epoch's last step: train/loss and val/loss share one x axis (see _CHARTS).
+        metrics = {"train/loss": train["loss"], "train/acc": train["acc"], "val/loss": val["loss"],
+                   "val/acc": val["acc"], "train/epoch_images_per_sec": row["img/s"],
+                   "val/best_acc": max([r["val_acc"] for r in st.history] + [val["acc"]])}
         if "top5" in val:
             metrics["val/top5"] = val["top5"]
         if loop.ema is not None:
@@ -573,6 +598,8 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
         finished = epoch + 1 == epochs or early
         saver.save(saver.state(epoch + 1, 0, None, st, finished, row), best=improved, epoch=epoch + 1, value=value)
         _write_metrics(tracker, st, row, finished, time.perf_counter() - t_run, monitor)
+        # curves.png after every epoch, so a stopped run has its figure too; TensorBoard gets the last one.
+        reports.write_curves(tracker, st.history, lr_steps, loop.global_step if finished else None)
         tracker.flush()
         if not finished and (_any_rank(stopper.signal is not None, rt) if rt.distributed else stopper.signal):
             # The signal came during evaluation: last.pt already holds this whole epoch.
@@ -583,7 +610,8 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
                 log.info("early stop: %s did not improve for %d epochs", monitor, patience)
             break
     if rt.is_main and st.history:
-        _final_hparams(cfg, tracker, st)
+        _final_hparams(cfg, tracker, saver.run_dir, image_size=int(bundle.eval_spec["crop"]),
+                       precision=rt.precision)
     return max((r["val_acc"] for r in st.history), default=0.0)  # what sweepers optimise
 
 
@@ -604,19 +632,73 @@ def _write_metrics(tracker, st: _State, row: dict, finished: bool, seconds: floa
     })
 
 
-def _final_hparams(cfg, tracker, st: _State) -> None:
+# Custom Scalars charts (tag regexes): what the tutorials plot together.
+_CHARTS = {"loss: train vs val": ["^train/loss$", "^val/loss$", "^val_ema/loss$"],
+           "acc: train vs val": ["^train/acc$", "^val/acc$", "^val_ema/acc$"],
+           "lr per step": ["^train/lr$"]}
+# HParams metrics: the last values of per-epoch scalars (no single-point hparam/* charts).
+_HPARAM_METRICS = ("val/best_acc", "val/acc", "val/loss", "train/loss", "train/acc")
+
+
+def run_settings(cfg: DictConfig, *, image_size: int, precision: str) -> dict[str, Any]:
+    """The settings that define a run (HParams columns): groups, lr, peak, batch, epochs, augmentation, size, seed."""
+    try:
+        choices = dict(HydraConfig.get().runtime.choices)
+    except ValueError:  # not under Hydra (programmatic use)
+        choices = {}
+
+    def target(node) -> str:
+        return str(node.get("_target_", "")).rsplit(".", 1)[-1].lower()
+
+    hp: dict[str, Any] = {
+        "name": cfg.name,
+        "model": cfg.model.get("name", choices.get("model", "")),
+        "dataset": choices.get("dataset") or target(cfg.dataset),
+        "optimizer": choices.get("optimizer") or target(cfg.optimizer),
+        "optimizer.lr": cfg.optimizer.get("lr"),
+        "optimizer.weight_decay": cfg.optimizer.get("weight_decay"),
+        "scheduler": choices.get("scheduler") or target(cfg.scheduler),
+        "scheduler.max_lr": cfg.scheduler.get("max_lr"),
+        "dataset.batch_size": cfg.dataset.get("batch_size"),
+        "trainer.epochs": cfg.trainer.epochs,
+        "dataset.augment": cfg.dataset.get("augment"),
+        "image_size": image_size,  # resolved: dataset.image_size may say auto
+        "precision": precision,  # resolved: trainer.precision may say auto
+        "trainer.seed": cfg.trainer.seed,
+    }
+    return {k: v for k, v in hp.items() if v is not None and not OmegaConf.is_config(v)}
+
+
+def _final_hparams(cfg, tracker, run_dir: Path, *, image_size: int, precision: str) -> None:
     overrides: list[str] = []
     try:
         overrides = list(HydraConfig.get().overrides.task)
     except ValueError:  # not under Hydra (programmatic use)
         pass
-    hp: dict[str, Any] = {"name": cfg.name}
-    for item in overrides:
+    hp = run_settings(cfg, image_size=image_size, precision=precision)
+    typed = []
+    for item in overrides:  # every key the user set, as typed
         key, _, value = item.partition("=")
-        hp[key.lstrip("+~")] = value
-    last = st.history[-1]
-    tracker.hparams(hp, {"best_val_acc": max(r["val_acc"] for r in st.history), "final_val_acc": last["val_acc"],
-                         "final_val_loss": last["val_loss"], "epochs": float(len(st.history))})
+        typed.append(key.lstrip("+~"))
+        hp[typed[-1]] = value
+    # The row's name is the run folder (what TensorBoard's legend shows; its own name first, as the
+    # table cuts long names), never a hash of the values.
+    root, here = Path(str(cfg.output_root)).resolve(), Path(run_dir).resolve()
+    parent = here.parent.relative_to(root) if here.is_relative_to(root) else None
+    trial = f"{here.name} ({parent})" if parent is not None and str(parent) != "." else here.name
+    from resnet_cli.callbacks import read_swept_keys
+    from resnet_cli.config import UNLABELLED
+
+    # Marked as differing, TensorBoard shows these columns first: in a sweep the keys it varies, else what
+    # the user set (paths and how the run is watched aside).
+    swept = None
+    try:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            swept = read_swept_keys(Path(str(HydraConfig.get().sweep.dir)))
+    except ValueError:  # not under Hydra
+        pass
+    differs = swept if swept else [k for k in typed if k not in UNLABELLED]
+    tracker.hparams(hp, _HPARAM_METRICS, trial_id=trial, differs=differs)
 
 
 def _any_rank(flag: bool, rt) -> bool:
@@ -628,11 +710,14 @@ def _any_rank(flag: bool, rt) -> bool:
     return bool(t.item())
 
 
-def _progress_enabled(setting: str) -> bool:
+def _progress_mode(setting: str) -> str | None:
+    """'bar' (tqdm), 'lines' (log lines, where tqdm would be hidden) or None, from trainer.progress."""
     setting = str(setting).lower()
     if setting == "auto":
-        return sys.stderr.isatty()
-    return setting in ("true", "1", "yes")
+        return "bar" if sys.stderr.isatty() else "lines"
+    if setting == "lines":
+        return "lines"
+    return "bar" if setting in ("true", "1", "yes") else None
 
 
 def _progress_bar(enabled: bool, total: int, start: int, epoch: int, epochs: int):

@@ -262,7 +262,7 @@ def test_tensorboard_steps_continue_without_duplicates_after_a_crash_and_resume(
     train_inproc(*args, "trainer.resume=auto", run_dir=run)
     acc = EventAccumulator(str(run))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, STEPS + 1))
+    assert [e.step for e in acc.Scalars("train/loss_step")] == list(range(1, STEPS + 1))
     assert [e.step for e in acc.Scalars("val/acc")] == [STEPS]
 
 

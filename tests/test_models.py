@@ -260,6 +260,77 @@ def test_fine_tuning_run_with_a_frozen_backbone_changes_only_fc(train_inproc, tm
     assert trained["fc.weight"].shape == (10, 512)
 
 
+# --- the transfer-learning head and the per-layer summary --------------------------------------------------
+
+
+def test_mlp_head_keeps_fc_as_the_classifier_and_frozen_only_the_head_learns():
+    from resnet_cli.optim import param_groups
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", 5, image_size=32, head="mlp", head_hidden=64, head_dropout=0.2,
+                         freeze_backbone=True)
+    assert isinstance(model.fc, torch.nn.Sequential)  # still `fc`: pretrained loading and lr scaling find it
+    assert (model.fc[1].in_features, model.fc[1].out_features, model.fc[-1].out_features) == (512, 64, 5)
+    assert [m.p for m in model.fc if isinstance(m, torch.nn.Dropout)] == [0.2, 0.2]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"fc.1.weight", "fc.1.bias", "fc.4.weight", "fc.4.bias"}
+    groups = param_groups(model, weight_decay_norm_bias=True, backbone_lr_scale=0.1)
+    assert sum(len(g["params"]) for g in groups) == 4 and {g["lr_scale"] for g in groups} == {1.0}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    torch.nn.functional.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.arange(8) % 5).backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+    with pytest.raises(UserError, match="model.head=deep"):
+        create_model("resnet18", 5, head="deep")
+
+
+def test_transfer_head_run_from_pretrained_weights_trains_only_the_head(train_inproc, tmp_path):
+    torch.manual_seed(3)
+    start = create_model("resnet20", 10, image_size=16, head="mlp", head_hidden=32)
+    path = tmp_path / "start.pt"
+    torch.save(start.state_dict(), path)
+    _, run = train_inproc("model=resnet20", f"model.pretrained={path}", "model.freeze_backbone=true",
+                          "model.head=mlp", "model.head_hidden=32", "optimizer=adam")
+    trained = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["model"]
+    for name, p in start.named_parameters():
+        assert torch.equal(trained[name], p.detach()) != name.startswith("fc."), name  # only the head moved
+
+
+@pytest.mark.parametrize("library", [False, True], ids=["hooks", "torchinfo"])
+def test_summary_totals_equal_the_models_parameters(library, monkeypatch):
+    import re
+
+    from resnet_cli.models import layer_summary
+
+    if library:
+        pytest.importorskip("torchinfo")  # the `summary` extra
+    else:
+        monkeypatch.setitem(sys.modules, "torchinfo", None)  # as if it were not installed
+    model = create_model("resnet18", 5, image_size=224, head="mlp", freeze_backbone=True)
+    text = layer_summary(model, 224)
+
+    def count(label: str) -> int:
+        return int(re.search(rf"^{label}: ([\d,]+)$", text, re.M)[1].replace(",", ""))
+
+    assert count("Total params") == count_params(model) == sum(p.numel() for p in model.parameters())
+    assert count("Trainable params") == count_params(model, trainable_only=True)
+    assert "[1, 5]" in text and "[1, 64, 56, 56]" in text  # output shapes for one 224 px image
+
+
+def test_resnet_models_summary_command_prints_every_layer_and_the_total(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "resnet_cli.models.cli", "resnet50", "--summary", "--size", "224"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "Total params: 25,557,032" in res.stdout  # torchvision's resnet50
+    assert "[1, 2048, 7, 7]" in res.stdout and "[1, 1000]" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "resnet_cli.models.cli", "resnet20", "--print", "head=mlp",
+                          "head_hidden=16"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0 and "(fc): Sequential(" in res.stdout and "out_features=16" in res.stdout, res.stderr
+
+
 # --- every model through `resnet-train` -----------------------------------------------------------------------
 
 

@@ -21,6 +21,8 @@ from procs import (TAG_ENV, Follower, Tracked, assert_no_leftovers, cmdline, hol
                    new_tag, tagged, wait_for_file_line)
 from test_resume import assert_same_tensors
 
+from resnet_cli.config import run_label
+
 # 128 images in batches of 16: 8 steps per epoch, two epochs, a checkpoint line after every step.
 # Deterministic and without BatchNorm (simple_cnn), so the requeued job can be compared bitwise.
 RUN = {**dict(item.split("=", 1) for item in TINY), "model": "simple_cnn", "dataset.num_train": "128",
@@ -29,6 +31,10 @@ RUN = {**dict(item.split("=", 1) for item in TINY), "model": "simple_cnn", "data
        "trainer.resume": "auto"}
 STEPS = 2 * 128 // 16
 SWEEP_TIMEOUT_S = 300  # a bound, not a wait: the sweep takes ~40 s here
+# Job folders are named by run_label (job number, then the key overrides); the test waits for job 0's
+# train.log before the folder exists, so it names the folders the same way.
+JOB_FOLDER = {0: "0" + run_label("default", [f"{k}={v}" for k, v in RUN.items()] + ["optimizer=adam"]),
+              1: "1" + run_label("default", [f"{k}={v}" for k, v in RUN.items()] + ["optimizer=sgd"])}
 
 
 @pytest.fixture
@@ -66,10 +72,10 @@ def test_submitit_local_sweep_runs_both_jobs_and_requeues_a_preempted_one(tracke
     try:
         # Job 0 gets submitit's preemption signal (what SLURM sends at --signal=USR2@signal_delay_s)
         # once it has written a mid-epoch checkpoint.
-        wait_for_file_line(sweep / "0" / "train.log", r"checkpoint: epoch 1 step 3 ", SWEEP_TIMEOUT_S, launcher,
-                           "job 0")
+        wait_for_file_line(sweep / JOB_FOLDER[0] / "train.log", r"checkpoint: epoch 1 step 3 ", SWEEP_TIMEOUT_S,
+                           launcher, "job 0")
         tasks = [pid for pid in tagged(tracked.tag) if "submitit.core._submit" in cmdline(pid)]
-        job0 = holding_open(tasks, sweep / "0" / "train.log")
+        job0 = holding_open(tasks, sweep / JOB_FOLDER[0] / "train.log")
         assert len(job0) == 1, f"job 0's process among {[(p, cmdline(p)) for p in tasks]}: {job0}"
         os.kill(job0[0], signal.SIGUSR2)
         code = launcher.wait(SWEEP_TIMEOUT_S)
@@ -84,19 +90,20 @@ def test_submitit_local_sweep_runs_both_jobs_and_requeues_a_preempted_one(tracke
         f"{rows}\n{job_log_tails(sweep)}"
     for row in rows:
         run = Path(row["run_dir"])
-        assert run == sweep / row["job"], row
+        assert run == sweep / JOB_FOLDER[int(row["job"])], row
         assert row["epochs"] == "2" and float(row["best_val_acc"]) == pytest.approx(
             read_metrics(run)["best_val_acc"], abs=1e-4), row
     # Job 0 saved and was requeued by submitit (same job id, same folder), and its second attempt resumed.
     logs = list((sweep / ".submitit").glob("*/*_0_log.out"))
-    job0_log = next((p.read_text() for p in logs if f"run folder: {sweep / '0'}" in p.read_text()), "")
+    job0_log = next((p.read_text() for p in logs if f"run folder: {sweep / JOB_FOLDER[0]}" in p.read_text()), "")
     assert "SIGUSR2: last.pt saved; submitit requeues this job" in job0_log, job0_log[-3000:]
     assert "Calling checkpoint method" in job0_log and "Requeued job" in job0_log, job0_log[-3000:]
-    resumed = re.search(r"resumed from \S+ at epoch (\d+), batch (\d+)", (sweep / "0" / "train.log").read_text())
+    resumed = re.search(r"resumed from \S+ at epoch (\d+), batch (\d+)",
+                        (sweep / JOB_FOLDER[0] / "train.log").read_text())
     assert resumed and (int(resumed[1]), int(resumed[2])) >= (0, 3), job0_log[-3000:]
     # ... to the very end, with the weights of a run that was never stopped.
     _, ref = train_inproc(*(f"{k}={v}" for k, v in RUN.items()), "optimizer=adam")
-    got = torch.load(sweep / "0" / "last.pt", weights_only=True)
+    got = torch.load(sweep / JOB_FOLDER[0] / "last.pt", weights_only=True)
     want = torch.load(ref / "last.pt", weights_only=True)
     assert got["finished"] and got["global_step"] == want["global_step"] == STEPS
     for key in ("model", "optimizer", "scheduler"):

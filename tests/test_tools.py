@@ -71,6 +71,55 @@ def test_predict_names_the_right_class_for_most_images(trained, val_pngs, tmp_pa
     assert first["file"] in res.stdout and first["top"][0]["class"] in res.stdout  # the terminal table
 
 
+def test_predict_annotate_draws_each_image_with_its_classes(trained, val_pngs, tmp_path):
+    from PIL import Image
+
+    from resnet_cli.predict import annotate
+
+    folder, truth = val_pngs
+    names = json.loads((trained / "class_names.json").read_text())
+    indices = tmp_path / "class_indices.json"  # the tutorials' format, here with upper-case names
+    indices.write_text(json.dumps({str(i): n.upper() for i, n in enumerate(names)}))
+    out, annotated = tmp_path / "preds.json", tmp_path / "annotated"
+    res = run_script("resnet-predict", str(trained), str(folder), "--topk", "3", "--class-names", str(indices),
+                     "--annotate", str(annotated), "--json", str(out), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    preds = json.loads(out.read_text())
+    right = sum(p["top"][0]["class"] == truth[p["file"]].upper() for p in preds)
+    assert right / len(preds) > 0.5  # the names came from class_indices.json, in its order
+    assert (annotated / "grid.png").is_file()
+    for p in preds:
+        assert Path(p["annotated"]) == annotated / (Path(p["file"]).stem + ".png") and Path(p["annotated"]).is_file()
+    first = preds[0]
+    with Image.open(first["file"]) as src, Image.open(first["annotated"]) as drawn:
+        src, drawn = src.convert("RGB"), drawn.convert("RGB")
+        # The photo (16 px, scaled 20x) on top, unchanged; the classes written under it.
+        photo = src.resize((320, 320), Image.Resampling.NEAREST)
+        x0 = (drawn.width - 320) // 2
+        assert drawn.crop((x0, 0, x0 + 320, 320)).tobytes() == photo.tobytes()
+        assert drawn.height > 320 + 3 * 18 and drawn.size != src.size
+        caption = drawn.crop((0, 320, drawn.width, drawn.height))
+        assert min(caption.convert("L").tobytes()) < 80  # dark text on white
+    # The top-1 name is what is drawn: another name gives other caption pixels and the same photo.
+    other = annotate(first["file"], [{**first["top"][0], "class": "SOMETHING ELSE"}, *first["top"][1:]])
+    again = annotate(first["file"], first["top"])
+    assert again.tobytes() == Image.open(first["annotated"]).convert("RGB").tobytes()
+    assert other.crop((0, 320, other.width, 350)).tobytes() != again.crop((0, 320, again.width, 350)).tobytes()
+    assert other.crop((0, 0, other.width, 320)).tobytes() == again.crop((0, 0, again.width, 320)).tobytes()
+
+
+def test_class_names_files_of_both_formats_are_read(tmp_path):
+    from resnet_cli.errors import UserError
+    from resnet_cli.predict import read_class_names
+
+    (tmp_path / "a.json").write_text('["daisy", "dandelion"]')
+    (tmp_path / "b.json").write_text('{"1": "dandelion", "0": "daisy"}')
+    (tmp_path / "c.json").write_text('{"0": "daisy", "2": "roses"}')
+    assert read_class_names(tmp_path / "a.json") == read_class_names(tmp_path / "b.json") == ["daisy", "dandelion"]
+    with pytest.raises(UserError, match="indices 0..n-1"):
+        read_class_names(tmp_path / "c.json")
+
+
 def test_predict_csv_matches_json(trained, val_pngs, tmp_path):
     from resnet_cli.predict import find_images, load_model, predict, to_csv
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from archives import make_cifar10_archive, make_flowers_archive
-from conftest import only_run_dir, read_metrics
+from conftest import TINY, only_run_dir, read_metrics
 
 RUN_FILES = ("last.pt", "best.pt", "class_names.json", "metrics.json", ".hydra/config.yaml")
 
@@ -95,17 +95,28 @@ def test_same_seed_twice_gives_identical_metrics_and_weights(train_inproc):
     assert read_metrics(run_c)["history"][0]["train_loss"] != hist_a[0]["train_loss"]
 
 
-def test_tensorboard_scalars_are_written(train_inproc):
+def test_tensorboard_scalars_and_the_curves_png_are_written(train_inproc):
+    from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     _, run = train_inproc("model=resnet20", "trainer.epochs=2")
     acc = EventAccumulator(str(run))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "train/images_per_sec"):
+    for tag in ("train/loss", "train/loss_step", "train/acc", "val/loss", "val/acc", "train/lr",
+                "train/images_per_sec"):
         assert tag in tags, tags
+    history = read_metrics(run)["history"]
     val_acc = [e.value for e in acc.Scalars("val/acc")]
-    assert val_acc == pytest.approx([r["val_acc"] for r in read_metrics(run)["history"]])
+    assert val_acc == pytest.approx([r["val_acc"] for r in history])
+    # train/loss is the epoch mean (the table's train_loss), at the same steps as val/loss: one x axis.
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["train_loss"] for r in history])
+    assert [e.step for e in acc.Scalars("train/loss")] == [e.step for e in acc.Scalars("val/loss")]
+    # The tutorials' figure: loss and accuracy per epoch, lr per step, as a PNG and in TensorBoard.
+    with Image.open(run / "curves.png") as img:
+        assert img.format == "PNG" and img.width >= 900 and img.height >= 200
+        assert len(img.convert("RGB").getcolors(1 << 20)) > 10  # drawn, not blank
+    assert "train/curves" in acc.Tags()["images"]
 
 
 def test_step_scheduler_divides_the_lr_every_step_size_epochs(train_inproc):
@@ -123,7 +134,7 @@ def test_onecycle_spans_exactly_the_run(train_inproc):
                           "trainer.log_every_n_steps=1")
     acc = EventAccumulator(str(run))
     acc.Reload()
-    lrs = [e.value for e in acc.Scalars("lr")]
+    lrs = [e.value for e in acc.Scalars("train/lr")]
     assert len(lrs) == 2 * (256 // 32)  # every optimizer step of both epochs
     assert max(lrs) == pytest.approx(0.1, rel=0.05)
     assert lrs[-1] == pytest.approx(0.1 / 25 / 1e4, rel=1e-3)
@@ -151,3 +162,21 @@ def test_gradient_clipping_by_value_and_norm_bounds_the_update():
         else:
             total = torch.sqrt(sum((d**2).sum() for d in deltas)).item()
             assert total == pytest.approx(clip_norm, rel=1e-4)
+
+
+def test_a_run_without_a_terminal_logs_progress_lines_inside_each_epoch(cli, tmp_path):
+    """stderr is a pipe here, as under SLURM, CI or nohup: no tqdm bar, but a progress line every N steps."""
+    out = tmp_path / "outputs"
+    res = cli(*TINY, "model=resnet20", f"output_root={out}", "trainer.progress=auto",
+              "trainer.progress_every_n_steps=3")  # rounded up to 4, a multiple of log_every_n_steps=2
+    assert res.returncode == 0, res.stderr[-3000:]
+    log_lines = (only_run_dir(out) / "train.log").read_text().splitlines()
+    lines = [line for line in log_lines if " batch " in line and " eta " in line]
+    assert len(lines) == 1, log_lines[-30:]  # batch 4 of 8; the epoch's row stands for batch 8
+    assert "epoch 1/1 batch 4/8 (50%)" in lines[0]
+    for word in ("loss ", "acc ", "lr ", "img/s ", "eta epoch ", " run "):
+        assert word in lines[0], lines[0]
+    header = next(i for i, line in enumerate(log_lines) if "train_loss" in line)
+    row = next(i for i, line in enumerate(log_lines) if line.rstrip().endswith("*"))  # epoch 1's row (best)
+    assert header < log_lines.index(lines[0]) < row  # inside the epoch
+    assert "\r" not in res.stderr and "batch/s" not in res.stderr  # no tqdm bar in a non-terminal log

@@ -188,7 +188,7 @@ def test_resnet9_one_epoch_on_a_real_looking_folder_learns(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run)).Reload()
-    losses = [e.value for e in acc.Scalars("train/loss")]
+    losses = [e.value for e in acc.Scalars("train/loss_step")]
     assert all(math.isfinite(v) for v in losses)
     k = len(losses) // 4
     assert np.mean(losses[-k:]) < np.mean(losses[:k]) - 0.2

@@ -18,6 +18,8 @@ _EXPORTS = {
     "register_model": "registry",
     "count_macs": "complexity",
     "count_params": "complexity",
+    "layer_summary": "complexity",
+    "hook_summary": "complexity",
 }
 __all__ = sorted(_EXPORTS)
 

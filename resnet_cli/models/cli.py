@@ -1,4 +1,9 @@
-"""`resnet-models`: list the registered models with their size and cost, or write the README's table.
+"""`resnet-models`: list the registered models with their size and cost, show one, or write the README's table.
+
+    resnet-models                                   # every model: family, parameters, MACs
+    resnet-models resnet50 --summary --size 224     # per-layer output shapes and parameter counts
+    resnet-models resnet50 --print                  # the module tree, as print(model) shows it
+    resnet-models resnet50 --summary head=mlp freeze_backbone=true num_classes=5   # with model keys
 
 torch is imported only after the arguments are parsed, so `--help` is instant.
 """
@@ -85,6 +90,36 @@ def readme_block(text: str) -> str:
     return match.group(1) if match else ""
 
 
+def show(name: str, keys: list[str], *, size: int, num_classes: int, depth: int, print_tree: bool,
+         summary: bool) -> str:
+    """print(model) and/or the per-layer summary of model `name` built with `key=value` model keys."""
+    import torch
+    import yaml
+
+    from resnet_cli.models import create_model, layer_summary
+
+    kwargs = {}
+    for item in keys:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"resnet-models: error: {item!r}: model keys are key=value (e.g. head=mlp)")
+        kwargs[key.removeprefix("model.")] = yaml.safe_load(value)
+    num_classes = int(kwargs.pop("num_classes", num_classes))
+    kwargs.setdefault("image_size", size)
+    kwargs.pop("name", None)
+    torch.manual_seed(0)
+    try:
+        model = create_model(name, num_classes, **kwargs)
+    except TypeError as exc:  # a key the builder does not take
+        raise SystemExit(f"resnet-models: error: {name}: {exc}") from exc
+    parts = []
+    if print_tree:
+        parts.append(str(model))
+    if summary:
+        parts.append(layer_summary(model, size, depth=depth))
+    return "\n".join(parts) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of `resnet-models`."""
     parser = argparse.ArgumentParser(
@@ -92,16 +127,39 @@ def main(argv: list[str] | None = None) -> None:
         description="List every registered model (model=<name> in resnet-train) with its family, "
                     "parameter count and multiply-accumulates (MACs) per image.",
     )
+    parser.add_argument("model", nargs="?", help="one model to show (--summary, the default, or --print)")
+    parser.add_argument("keys", nargs="*", metavar="key=value",
+                        help="that model's keys (configs/model/<name>.yaml), e.g. head=mlp freeze_backbone=true")
+    parser.add_argument("--summary", action="store_true",
+                        help="per-layer output shapes and parameter counts for one image at --size "
+                             "(torchinfo if installed: pip install 'resnet-cli[summary]')")
+    parser.add_argument("--print", dest="print_tree", action="store_true", help="print(model): the module tree")
+    parser.add_argument("--depth", type=int, default=3, help="module nesting shown by --summary (default 3)")
     parser.add_argument("--size", type=int, default=224, help="input side in pixels (default 224)")
     parser.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default 1000)")
     parser.add_argument("--markdown", action="store_true",
                         help="print the README table (32 px / 10 classes and 224 px / 1000 classes)")
     parser.add_argument("--update-readme", metavar="PATH",
                         help=f"rewrite the table between {START} and {END} in PATH")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # model keys may follow the options
     if args.size < 1 or args.num_classes < 1:
         parser.error("--size and --num-classes must be positive")
-    if args.update_readme:
+    if args.model:
+        from resnet_cli.models import list_models
+
+        if args.model not in list_models():
+            from resnet_cli.models import model_info
+
+            try:
+                model_info(args.model)
+            except Exception as exc:  # noqa: BLE001 - UnknownModelError names close matches
+                parser.error(str(exc))
+        sys.stdout.write(show(args.model, args.keys, size=args.size, num_classes=args.num_classes,
+                              depth=args.depth, print_tree=args.print_tree,
+                              summary=args.summary or not args.print_tree))
+    elif args.keys or args.summary or args.print_tree:
+        parser.error("--summary, --print and key=value need a model name, e.g. resnet-models resnet50 --summary")
+    elif args.update_readme:
         path = Path(args.update_readme)
         if not path.is_file():
             parser.error(f"no such file: {path}")

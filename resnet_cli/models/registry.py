@@ -82,6 +82,9 @@ def create_model(
     *,
     pretrained: bool | str = False,
     freeze_backbone: bool = False,
+    head: str = "linear",
+    head_hidden: int = 1024,
+    head_dropout: float = 0.5,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model with `num_classes` outputs in `fc`.
@@ -93,11 +96,35 @@ def create_model(
             path of a state_dict / resnet-cli checkpoint file. All weights but `fc` must fit; `fc` is kept
             from the file only when its shape matches.
         freeze_backbone: train only `fc`.
+        head: "linear" (one `fc` layer) or "mlp", the transfer-learning tutorials' head: `fc` becomes
+            dropout, a `head_hidden`-unit ReLU layer, dropout (`head_dropout` both) and the classifier.
         **kwargs: the builder's own arguments (stem, image_size, in_channels, drop_rate, ...).
     """
     model = model_info(name).builder(num_classes=num_classes, **kwargs)
+    if head != "linear":
+        set_head(model, head, num_classes, hidden=head_hidden, dropout=head_dropout)
     if pretrained:
         load_pretrained(model, name, pretrained)
     if freeze_backbone:
         freeze(model)
+    return model
+
+
+HEADS = ("linear", "mlp")
+
+
+def set_head(model: nn.Module, head: str, num_classes: int, *, hidden: int = 1024, dropout: float = 0.5) -> nn.Module:
+    """Replace the classifier `fc` by `head` (see create_model); the attribute keeps its name `fc`.
+
+    The trunk's global pool feeds it, so pretrained loading (which skips a misfit `fc.*`),
+    freeze_backbone and trainer.backbone_lr_scale (both find `model.fc`) work unchanged.
+    """
+    if head not in HEADS:
+        raise UserError(f"model.head={head}: choose one of {', '.join(HEADS)}")
+    fc = getattr(model, "fc", None)
+    if not isinstance(fc, nn.Linear):
+        raise UserError(f"model.head={head}: {type(model).__name__} has no linear `fc` classifier to replace")
+    if head == "mlp":
+        model.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(fc.in_features, int(hidden)), nn.ReLU(inplace=True),
+                                 nn.Dropout(dropout), nn.Linear(int(hidden), num_classes))
     return model
