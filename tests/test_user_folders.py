@@ -179,8 +179,8 @@ def test_a_folder_with_one_class_is_refused(tmp_path):
 
 
 def test_resnet9_one_epoch_on_a_real_looking_folder_learns(tmp_path):
-    """The issue's case: model=resnet9 for one epoch on ~1.4k 32-px images (chance is 0.10)."""
-    root = digits(tmp_path, 32, 1438, 359)
+    """model=resnet9 for one epoch on ~1.4k 32-px images of handwriting-like digits (chance is 0.10)."""
+    root = build_folder(tmp_path, FolderSpec("gray32", "digits", 32, 1438, 359, gray=True))
     run = tmp_path / "run"
     fit_inproc(run, ["dataset=imagefolder", f"dataset.root={root}", "model=resnet9", "trainer.epochs=1",
                      f"output_root={tmp_path / 'out'}", "trainer.device=cpu", "trainer.progress=false",
