@@ -234,6 +234,7 @@ RULES: dict[str, Rule] = {
     "trainer.progress": BOOL_WORDS,
     "trainer.dry_run": Bool(),
     "trainer.num_threads": AnyOf(Choice("auto"), IntText(1)),
+    "trainer.progress_every_n_steps": Int(0),
     # dataset (untyped: the keys a dataset's YAML has)
     "dataset._target_": Text(),
     "dataset.root": AnyOf(Null(), Text()),

@@ -123,7 +123,7 @@ TRAINER: dict[str, Dom] = {
     "overwrite": typed_bool(), "max_bad_steps": ints(0), "limit_train_batches": ints(0),
     "limit_val_batches": ints(0), "sync_batchnorm": typed_bool(), "log_graph": typed_bool(),
     "progress": SWITCH, "dry_run": typed_bool(),
-    "num_threads": either(listed(["auto"], []), ints(1), invalid=ints(1)),
+    "num_threads": either(listed(["auto"], []), ints(1), invalid=ints(1)), "progress_every_n_steps": ints(0),
 }
 MEAN = listed([[0.5, 0.5, 0.5], [-1.0, 0.0, 10.0]], [[0.5, 0.5], [0.5, "a", 0.5], [0.5, math.nan, 0.5], "abc"],
               st.lists(st.floats(-10, 10), min_size=3, max_size=3))
