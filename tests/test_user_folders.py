@@ -38,6 +38,9 @@ def test_image_size_auto_is_the_folders_native_size(tmp_path):
     small = imagefolder(root=str(digits(tmp_path, 32, 20, 10)), batch_size=4)
     assert small.eval_spec["crop"] == 32 and small.eval_spec["resize"] == 32  # validated on the whole image
     assert "size 32 px (auto: median short side 32 px)" in small.plan and "pad 4 + random crop" in small.plan
+    # A user who says dataset.image_size=32 gets exactly what auto chose (resize and crop follow the size).
+    told = imagefolder(root=str(tmp_path / "digits"), batch_size=4, image_size=32)
+    assert told.eval_spec == small.eval_spec and told.plan == small.plan.replace("auto: median short side 32 px", "set")
     photos = imagefolder(root=str(digits(tmp_path, (400, 600), 20, fmt="jpg", name="photos")), batch_size=2)
     assert photos.eval_spec["crop"] == 224 and photos.eval_spec["resize"] == 256
     assert "capped at auto_max_size=224" in photos.plan and "random resized crop" in photos.plan
