@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import pytest
 # Tests run torch on one thread: on a shared 2-core machine a 2-thread op waits for a busy core
 # (one training test: 97 s on two threads, 11 s on one). Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Decoded-image caches of test folders go to a scratch folder, never to the user's ~/.cache.
+os.environ.setdefault("RESNET_CLI_CACHE", tempfile.mkdtemp(prefix="resnet-cli-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/archives.py and friends

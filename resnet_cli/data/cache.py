@@ -1,11 +1,14 @@
-"""The decoded-image cache of a folder dataset: header sizes and uint8 arrays saved beside its split manifest.
+"""The decoded-image cache of a folder dataset: header sizes and uint8 arrays, reused while the files are unchanged.
 
 A run on a folder reads every header (sizes, bad files) and, on the in-memory path, decodes
-every image. Both are saved under `<data folder>/.resnet-cache/`, keyed by a stamp of the
-file list (path, label, byte size, modification time), and reused while the stamp is
-unchanged: a second run starts training without opening an image. Arrays are memory-mapped
-(copy-on-write), so a cache larger than free RAM still pages in on demand. A folder that
-cannot be written simply is not cached (said once in the log).
+every image. Both are saved in the user's cache folder (`$RESNET_CLI_CACHE`, else
+`$XDG_CACHE_HOME/resnet-cli`, else `~/.cache/resnet-cli`), one subfolder per data folder,
+keyed by a stamp of the file list (path, label, byte size, modification time), and reused
+while the stamp is unchanged: a second run starts training without opening an image. Not
+inside the data folder: a hidden folder there would be taken for a class by torchvision's
+ImageFolder and other tools. Arrays are memory-mapped (copy-on-write), so a cache larger
+than free RAM still pages in on demand. A cache that cannot be written simply is not kept
+(said once in the log).
 """
 
 from __future__ import annotations
@@ -41,11 +44,26 @@ def stamp(root: Path, *splits: Sequence[Item]) -> str:
     return h.hexdigest()
 
 
+def cache_root() -> Path:
+    """Where decoded caches live: $RESNET_CLI_CACHE, else $XDG_CACHE_HOME/resnet-cli, else ~/.cache/resnet-cli."""
+    if os.environ.get("RESNET_CLI_CACHE"):
+        return Path(os.environ["RESNET_CLI_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "resnet-cli"
+
+
+def _folder_id(folder: Path) -> str:
+    # One subfolder per data folder: its name for a reader, a digest of its absolute path for uniqueness.
+    resolved = folder.expanduser().resolve()
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+    return f"{resolved.name or 'root'}-{digest}"
+
+
 class FolderCache:
     """Header sizes and decoded arrays of one folder's splits, valid for one stamp."""
 
     def __init__(self, folder: Path, key: str) -> None:
-        self.dir, self.key = Path(folder) / ".resnet-cache", key
+        self.dir, self.key = cache_root() / _folder_id(Path(folder)), key
         self.index_path = self.dir / "index.json"
         self.writable = True
         self.index = self._read_index()

@@ -88,7 +88,7 @@ def scan(folder: Path, rel_to: Path) -> Scan:
         classes, _ = find_classes(str(folder))
     except FileNotFoundError:
         raise UserError(f"{folder} holds no class folders; put one folder of images per class there") from None
-    classes = [c for c in classes if not c.startswith(".")]  # .resnet-cache, .git, ...: never a class
+    classes = [c for c in classes if not c.startswith(".")]  # .git, .ipynb_checkpoints, ...: never a class
     files: dict[str, list[str]] = {}
     result = Scan(classes, files)
     for name in classes:
