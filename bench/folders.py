@@ -164,6 +164,7 @@ def _timed_run(cmd: list[str], pattern: re.Pattern, env: dict, log_path: Path) -
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             log_file.write(line)
+            log_file.flush()
             m = pattern.search(line)
             if m:
                 points.append((time.perf_counter() - start, float(m.group(2))))
@@ -204,7 +205,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated folder names (default: all)")
     ap.add_argument("--extra", default="", help="extra resnet-train overrides, space-separated")
     args = ap.parse_args()
-    specs = [s for s in SPECS if not args.only or s.name in args.only.split(",")]
+    names = args.only.split(",") if args.only else [s.name for s in SPECS]
+    specs = [next(s for s in SPECS if s.name == name) for name in names]  # in the order asked for
     out = args.root / "runs"
     out.mkdir(parents=True, exist_ok=True)
     rows = []

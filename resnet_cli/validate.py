@@ -243,7 +243,7 @@ RULES: dict[str, Rule] = {
     "dataset.image_size": AnyOf(Choice("auto"), Int(8)),
     "dataset.resize": AnyOf(Null(), Choice("auto"), Int(1)),
     "dataset.auto_max_size": Int(8),
-    "dataset.batch_size": Int(1),
+    "dataset.batch_size": AnyOf(Choice("auto"), Int(1)),
     "dataset.val_batch_size": AnyOf(Null(), Int(1)),
     "dataset.num_workers": AnyOf(Choice("auto"), Int(0)),
     "dataset.loader": Choice("auto", "memory", "dataloader"),

@@ -47,6 +47,13 @@ def test_image_size_auto_is_the_folders_native_size(tmp_path):
     assert photos.train.images.shape[1:] == (3, 256, 256)  # decoded once at the eval view's size
 
 
+def test_batch_auto_keeps_enough_steps_per_epoch():
+    from resnet_cli.data.policy import resolve_batch
+
+    assert [resolve_batch("auto", n)[0] for n in (50, 300, 600, 1000, 1438, 50000)] == [16, 16, 32, 32, 64, 64]
+    assert resolve_batch(100, 10) == (100, "set")
+
+
 def test_geometry_rules_and_explicit_values(caplog):
     g = resolve_geometry(64, native=[(64, 64)])
     assert (g.image_size, g.crop, g.resize, g.pad) == (64, "pad", 64, 8)
@@ -93,8 +100,8 @@ def test_startup_names_size_crop_rule_and_recipe_in_one_line(cli, tmp_path):
     plan = [line for line in res.stdout.splitlines() if "plan: " in line]
     assert len(plan) == 1, res.stdout
     for phrase in ("size 32 px (auto: median short side 32 px)", "train pad 4 + random crop + flip",
-                   "eval whole image", "loader memory (auto:", "recipe: AdamW lr 0.003", "OneCycleLR peak 0.003",
-                   "batch 64"):
+                   "eval whole image", "loader memory (auto:", "recipe: AdamW lr 0.003", "OneCycleLR peak 0.003", "batch 16, 10 epochs x 4 steps",
+                   "batch 16 (auto: 70 images, 4 steps per epoch)"):
         assert phrase in plan[0], plan[0]
     runtime = next(line for line in res.stdout.splitlines() if "runtime: " in line)
     assert "memory format channels_last (auto:" in runtime and "precision fp32 (auto:" in runtime

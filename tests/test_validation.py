@@ -134,7 +134,7 @@ AUGMENT = listed(["none", "standard", "trivialaugment", "standard+randomerasing"
 DATASET: dict[str, Dom] = {
     "num_train": ints(1), "num_val": ints(1),
     "image_size": either(listed(["auto"], []), ints(8), invalid=ints(8)),
-    "batch_size": ints(1), "val_batch_size": either(listed([None], []), ints(1), invalid=ints(1)),
+    "batch_size": either(listed(["auto"], []), ints(1), invalid=ints(1)), "val_batch_size": either(listed([None], []), ints(1), invalid=ints(1)),
     "num_workers": either(listed(["auto"], []), ints(0), invalid=ints(0)), "loader": words("auto", "memory", "dataloader", bad=("disk", "gpu")),
     "augment": AUGMENT, "crop": words("auto", "pad", "resized", bad=("center", "random")),
     "pad": either(listed(["auto"], []), ints(0), invalid=ints(0)),

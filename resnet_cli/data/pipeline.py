@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from resnet_cli.data.contract import DataBundle
 from resnet_cli.data.loader import BadImagePolicy, LoaderSource
 from resnet_cli.data.memory import MemorySource
-from resnet_cli.data.policy import Geometry, choose_loader, resolve_geometry
+from resnet_cli.data.policy import Geometry, choose_loader, resolve_batch, resolve_geometry
 from resnet_cli.data.transforms import build_eval_transform, build_train_transform, make_mixer, parse_augment
 from resnet_cli.errors import UserError
 
@@ -45,7 +45,7 @@ def make_bundle(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
-    batch_size: int = 128,
+    batch_size: int | str = 128,
     val_batch_size: int | None = None,
     num_workers: int | str = "auto",
     image_size: int | str = 32,
@@ -73,11 +73,12 @@ def make_bundle(
     `geometry` and `loader` (with `loader_why`) come resolved from builders that needed them
     before decoding (image folders); for in-memory arrays they are resolved here.
     """
+    arrays = isinstance(train, ArraySplit) and isinstance(val, ArraySplit)
+    batch_size, batch_why = resolve_batch(batch_size, len(train.labels) if arrays else len(train))
     if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
         raise UserError("dataset.batch_size and dataset.val_batch_size must be >= 1")
     names = parse_augment(augment)
     device = torch.device(device)
-    arrays = isinstance(train, ArraySplit) and isinstance(val, ArraySplit)
     if geometry is None:
         native = [tuple(train.images.shape[:1:-1])] if arrays else []
         geometry = resolve_geometry(image_size, resize=resize, crop=crop, pad=pad, native=native)
@@ -110,7 +111,7 @@ def make_bundle(
         train_src = LoaderSource(as_ds(train), train_tf, batch_size=batch_size, train=True, drop_last=drop_last, mixer=mixer, **kw)
         val_src = LoaderSource(as_ds(val), val_tf, batch_size=val_batch_size or batch_size, train=False, **kw)
     eval_spec = {"resize": int(geometry.resize), "crop": int(size), "mean": mean, "std": std}
-    plan = (f"{geometry.describe()}; loader {loader} ({loader_why})"
+    plan = (f"{geometry.describe()}; batch {batch_size} ({batch_why}); loader {loader} ({loader_why})"
             + (f", {workers} workers" if loader == "dataloader" else ""))
     return DataBundle(list(class_names), train_src, val_src, eval_spec, summary, plan=plan, workers=workers)
 

@@ -122,6 +122,21 @@ def resolve_geometry(
     return Geometry(size, crop, resize_px, pad_px, reason)
 
 
+# batch_size: auto. Small folders need optimizer steps more than they need big batches: the
+# largest power of two up to BATCH_MAX that still gives MIN_STEPS steps per epoch, at least BATCH_MIN.
+BATCH_MAX, BATCH_MIN, MIN_STEPS = 64, 16, 16
+
+
+def resolve_batch(batch_size: int | str, num_train: int) -> tuple[int, str]:
+    """dataset.batch_size (auto|N) for `num_train` training images; returns (batch, reason)."""
+    if not _auto(batch_size):
+        return _int(batch_size, "batch_size"), "set"
+    batch = BATCH_MAX
+    while batch > BATCH_MIN and num_train // batch < MIN_STEPS:
+        batch //= 2
+    return batch, f"auto: {num_train} images, {num_train // batch} steps per epoch"
+
+
 def physical_memory() -> int:
     """Bytes of RAM on this machine (0 when it cannot be read)."""
     try:
