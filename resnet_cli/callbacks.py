@@ -229,7 +229,7 @@ def write_swept_keys(config: DictConfig, sweep_dir: Path) -> list[str]:
     params = config.hydra.get("sweeper", {}).get("params") or {}
     keys += [str(k) for k in params if str(k) not in keys]  # Optuna's search space
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(sweep_dir / SWEPT, json.dumps(keys) + "\n")
+    atomic_write(sweep_dir / SWEPT, json.dumps(keys) + "\n")
     return keys
 
 
