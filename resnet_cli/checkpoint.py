@@ -10,7 +10,7 @@ import random
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -121,13 +121,16 @@ def load_weights(model: torch.nn.Module, state: dict, context: str) -> None:
         raise UserError(f"{context} ({mismatch(model, state) or _first_line(exc)})") from exc
 
 
-def mismatch(model: torch.nn.Module, state: Any) -> str:
-    """How a state_dict differs from a model's own, in one line ('' when the keys and shapes agree)."""
+def mismatch(model: torch.nn.Module, state: Any, optional: Callable[[str], bool] = lambda key: False) -> str:
+    """How a state_dict differs from a model's own, in one line ('' when the keys and shapes agree).
+
+    Keys of the model for which `optional(key)` is true may be absent from `state`.
+    """
     if not isinstance(state, dict):
         return f"the weights are a {type(state).__name__}, not a state_dict"
     own = model.state_dict()
     shapes = [k for k in state if k in own and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and not optional(k)]
     unexpected = [k for k in state if k not in own]
     parts = []
     if shapes:

@@ -100,3 +100,21 @@ def only_run_dir(root: Path) -> Path:
     found = [p.parent for p in Path(root).rglob("metrics.json")]
     assert len(found) == 1, found
     return found[0]
+
+
+@pytest.fixture
+def keep_logging():
+    """Hydra's job logging replaces the root handlers (pointing them at captured streams): put them back."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
 import sys
@@ -36,22 +35,6 @@ def poison_loss(monkeypatch, at_call: int, before=None) -> None:
         return logits, loss
 
     monkeypatch.setattr(engine, "compute_loss", poisoned)
-
-
-@pytest.fixture
-def keep_logging():
-    """Hydra's job logging replaces the root handlers (pointing them at captured streams): put them back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
 
 
 def test_nan_at_step_k_stops_with_exit_3_naming_it_and_checkpoints_untouched(tmp_path, monkeypatch, capsys,

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import TINY, fit_inproc, read_metrics, resnet_train_cmd
+from test_resume import assert_same_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -297,24 +298,6 @@ def test_output_root_that_is_a_file_is_one_line(cli, tmp_path):
     assert blocker.read_text() == "a file where the output folder should be\n"
 
 
-@pytest.fixture
-def keep_logging():
-    """Hydra's job logging replaces the root handlers (pointing them at captured streams): put them back."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
-
-
 def run_main(monkeypatch, *args: str) -> int:
     """resnet-train's console entry point in-process; returns its exit code."""
     from resnet_cli import train
@@ -456,22 +439,6 @@ def test_stop_signal_to_the_process_group_saves_exits_75_and_resumes_bitwise(nam
     assert got["finished"] and got["global_step"] == want["global_step"] == 20
     for key in ("model", "optimizer", "scheduler"):
         assert_same_tensors(got[key], want[key], key)
-
-
-def assert_same_tensors(a, b, where: str = "") -> None:
-    """Nested dicts/lists of tensors and numbers are bitwise equal."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_tensors(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tensors(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_ctrl_c_twice_to_the_group_is_one_line(pngs, tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from resnet_cli.checkpoint import mismatch
 from resnet_cli.errors import UserError
 from resnet_cli.fileio import regular_file
 
@@ -89,21 +90,11 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], source: str, name:
     # A different class count gives a differently shaped classifier: keep the fresh one.
     state = {k: v for k, v in state.items()
              if not (k.startswith(head) and (k not in own or own[k].shape != v.shape))}
-    unexpected = [k for k in state if k not in own]
-    # Older files lack BatchNorm's num_batches_tracked; BatchNorm fills it in itself.
-    missing = [k for k in own if k not in state and not k.startswith(head) and not k.endswith("num_batches_tracked")]
-    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
-    problems = []
-    if mismatched:
-        k = mismatched[0]
-        problems.append(f"{len(mismatched)} shape mismatch(es), e.g. {k} is {list(state[k].shape)} there but "
-                        f"{list(own[k].shape)} here (at <= 64 px stem=auto picks the CIFAR stem: set model.stem=imagenet)")
-    if missing:
-        problems.append(f"{len(missing)} weight(s) missing, e.g. {missing[0]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unknown weight(s), e.g. {unexpected[0]}")
+    # The fresh head may stay; older files lack BatchNorm's num_batches_tracked, which BatchNorm fills in itself.
+    problems = mismatch(model, state, optional=lambda k: k.startswith(head) or k.endswith("num_batches_tracked"))
     if problems:
-        raise UserError(f"model.pretrained: {source} does not fit {name}: {'; '.join(problems)}")
+        hint = " (at <= 64 px stem=auto picks the CIFAR stem: set model.stem=imagenet)" if "shape" in problems else ""
+        raise UserError(f"model.pretrained: {source} does not fit {name}: {problems}{hint}")
     model.load_state_dict(state, strict=False)
 
 
