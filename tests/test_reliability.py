@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import TINY, fit_inproc, read_metrics, resnet_train_cmd
-from test_resume import assert_same_tensors
+from test_resume import assert_same_tensors, read_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -389,17 +389,6 @@ def start_in_own_group(args: list[str], cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def wait_for(proc: subprocess.Popen, pattern: str) -> list[str]:
-    """stdout lines up to the first matching `pattern` (the log, not the clock, says when)."""
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if re.search(pattern, line):
-            return lines
-    proc.wait()
-    pytest.fail(f"exited ({proc.returncode}) before {pattern!r}:\n{''.join(lines)[-3000:]}\n{proc.stderr.read()}")
-
-
 def children(pid: int) -> list[int]:
     """Child process ids (Linux /proc)."""
     path = Path(f"/proc/{pid}/task/{pid}/children")
@@ -419,7 +408,7 @@ def test_stop_signal_to_the_process_group_saves_exits_75_and_resumes_bitwise(nam
     root = tmp_path / "outputs"
     args = signal_args(pngs, root)
     proc = start_in_own_group(args, tmp_path)
-    wait_for(proc, r"checkpoint: epoch 1 step 3 ")
+    read_until(proc, r"checkpoint: epoch 1 step 3 ")
     assert len(children(proc.pid)) >= 2  # the DataLoader workers are running
     os.killpg(proc.pid, getattr(signal, name))  # what SLURM, timeout and supervisors do
     out, err = proc.communicate(timeout=300)
@@ -444,7 +433,7 @@ def test_stop_signal_to_the_process_group_saves_exits_75_and_resumes_bitwise(nam
 def test_ctrl_c_twice_to_the_group_is_one_line(pngs, tmp_path):
     root = tmp_path / "outputs"
     proc = start_in_own_group(signal_args(pngs, root), tmp_path)
-    wait_for(proc, r"checkpoint: epoch 1 step 2 ")
+    read_until(proc, r"checkpoint: epoch 1 step 2 ")
     os.killpg(proc.pid, signal.SIGINT)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=300)

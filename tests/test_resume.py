@@ -64,7 +64,8 @@ def read_until(proc: subprocess.Popen, pattern: re.Pattern | str) -> list[str]:
         if re.search(pattern, line):
             return lines
     proc.wait()
-    pytest.fail(f"exited ({proc.returncode}) before printing {pattern!r}:\n{''.join(lines)[-3000:]}")
+    err = proc.stderr.read() if proc.stderr else ""
+    pytest.fail(f"exited ({proc.returncode}) before printing {pattern!r}:\n{''.join(lines)[-3000:]}\n{err[-3000:]}")
 
 
 def assert_same_tensors(a, b, where: str = "") -> None:
