@@ -1,4 +1,4 @@
-"""The small tutorial nets: ResNet-9 (recipe R2, docs/RECIPES.md) and the plain two-layer CNN baseline."""
+"""The small tutorial nets: ResNet-9 (recipe R2, docs/presets.md) and the plain two-layer CNN baseline."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ class SimpleCNN(nn.Module):
 
 @register_model(family="ResNet-9", paper="Page 2018, DAWNBench (myrtle.ai)")
 def resnet9(**kwargs: Any) -> ResNet9:
-    """ResNet-9 for CIFAR-sized inputs (recipe R2, docs/RECIPES.md)."""
+    """ResNet-9 for CIFAR-sized inputs (recipe R2, docs/presets.md)."""
     return ResNet9(**kwargs)
 
 
