@@ -1,11 +1,11 @@
 """Image folders that look like what users bring, written to disk, and resnet-train against a hand loop on each.
 
-    python bench/folders.py [--root /tmp/rcli-folders] [--epochs 6] [--only glyphs32,photos224] [--scale 1.0]
+    python bench/folders.py [--root /tmp/rcli-folders] [--epochs 6] [--only glyphs32,photos400-600] [--extra "k=v ..."]
 
 Every folder is built from real, offline sources: digits rendered from the TrueType/OpenType
-fonts installed on the machine (Debian's font packages; with random affine, blur, noise, colour
-and texture), at native sizes 28 to ~600 px, and the embedded `shapes` set written out as PNG.
-On each folder it runs, one after the other in this process's machine:
+fonts installed on the machine (Debian's font packages, else Pillow's own font; with random
+affine, blur, noise, colour and texture), at native sizes 28 to ~600 px, and the embedded `shapes` set written out as PNG.
+On each folder it runs, one after the other on this machine:
 
 - `resnet-train dataset=imagefolder dataset.root=DIR trainer.epochs=E` (defaults only), and
 - `bench/hand_loop.py DIR E`: the 30-line loop a user would otherwise write (torchvision
@@ -36,15 +36,19 @@ HERE = Path(__file__).resolve().parent
 DIGITS = "0123456789"
 
 
-def font_files() -> list[Path]:
-    """The scalable fonts installed on this machine (sorted, so a folder is the same on the same machine)."""
+def font_files() -> list[Path | None]:
+    """The scalable fonts installed on this machine (sorted, so a folder is the same on the same machine).
+
+    None stands for Pillow's own scalable font, used when the machine has no font package.
+    """
     roots = [Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), Path.home() / ".fonts"]
     found = sorted({p for r in roots if r.is_dir() for p in r.rglob("*") if p.suffix.lower() in (".ttf", ".otf")})
     # Symbol and math fonts have no ordinary digits.
-    found = [p for p in found if not re.search(r"(?i)math|symbol|dingbat|emoji|d050000l", p.name)]
-    if not found:
-        raise SystemExit("no TrueType/OpenType fonts found: apt-get install fonts-dejavu-core (or any font package)")
-    return found
+    return [p for p in found if not re.search(r"(?i)math|symbol|dingbat|emoji|d050000l", p.name)] or [None]
+
+
+def _font(path: Path | None, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(path), size) if path is not None else ImageFont.load_default(size)
 
 
 def _background(rng: np.random.Generator, side: int, color: np.ndarray) -> Image.Image:
@@ -62,10 +66,11 @@ def _background(rng: np.random.Generator, side: int, color: np.ndarray) -> Image
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
-def render_digit(digit: int, size: int, rng: np.random.Generator, fonts: list[Path], *, gray: bool = False) -> Image.Image:
+def render_digit(digit: int, size: int, rng: np.random.Generator, fonts: list[Path | None], *,
+                 gray: bool = False) -> Image.Image:
     """One digit at `size` px: random font, scale, offset, rotation, shear, colours, blur and noise."""
     side = max(64, size) * 2  # drawn large, then resized: antialiased like a real photo or scan
-    font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), int(side * rng.uniform(0.75, 1.0)))
+    font = _font(fonts[rng.integers(len(fonts))], int(side * rng.uniform(0.75, 1.0)))
     if gray:  # MNIST-like: light strokes on a dark ground
         fg, bg = np.array([rng.uniform(180, 255)] * 3), np.array([rng.uniform(0, 50)] * 3)
     else:
