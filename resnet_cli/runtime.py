@@ -57,7 +57,8 @@ class Runtime:
         where = f"rank {self.rank}/{self.world_size} " if self.distributed else ""
         fmt = "channels_last" if self.channels_last else "contiguous"
         why = lambda key: f" ({self.why[key]})" if self.why.get(key) else ""  # noqa: E731
-        return (f"{where}device {self.device} ({_device_name(self.device)}){why('threads')}, "
+        threads = f"; {self.why['threads']}" if self.why.get("threads") else ""
+        return (f"{where}device {self.device} ({_device_name(self.device)}{threads}), "
                 f"precision {self.precision}{why('precision')}, memory format {fmt}{why('channels_last')}")
 
 
@@ -123,7 +124,7 @@ def resolve_threads(value: int | str, workers: int) -> tuple[int, str]:
     auto keeps an explicit OMP_NUM_THREADS, else takes the usable cores minus the DataLoader
     workers, so compute threads and workers never oversubscribe the cores.
     """
-    from resnet_cli.data.pipeline import usable_cores
+    from resnet_cli.data.policy import usable_cores  # pure Python: no data-layer import
 
     if str(value).lower() != "auto":
         threads, why = int(value), "set"

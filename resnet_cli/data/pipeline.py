@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -11,7 +10,7 @@ from torch.utils.data import Dataset
 from resnet_cli.data.contract import DataBundle
 from resnet_cli.data.loader import BadImagePolicy, LoaderSource
 from resnet_cli.data.memory import MemorySource
-from resnet_cli.data.policy import Geometry, choose_loader, resolve_batch, resolve_geometry
+from resnet_cli.data.policy import Geometry, choose_loader, resolve_batch, resolve_geometry, usable_cores
 from resnet_cli.data.transforms import build_eval_transform, build_train_transform, make_mixer, parse_augment
 from resnet_cli.errors import UserError
 
@@ -132,12 +131,6 @@ def resolve_workers(num_workers: int | str) -> int:
     return int(num_workers)
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def array_summary(name: str, train: ArraySplit, val: ArraySplit, classes: int) -> str:

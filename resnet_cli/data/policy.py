@@ -137,6 +137,14 @@ def resolve_batch(batch_size: int | str, num_train: int) -> tuple[int, str]:
     return batch, f"auto: {num_train} images, {num_train // batch} steps per epoch"
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def physical_memory() -> int:
     """Bytes of RAM on this machine (0 when it cannot be read)."""
     try:
