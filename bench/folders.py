@@ -103,7 +103,7 @@ class FolderSpec:
     """One benchmark folder: what it holds and how it is laid out on disk."""
 
     name: str
-    source: str  # digits | shapes
+    source: str  # digits | shapes | sklearn (scikit-learn's 1,797 scanned 8x8 handwritten digits, upscaled)
     size: int | tuple[int, int]  # native side in px, or a (min, max) range of sides (photos of mixed size)
     train: int  # images in train/ (or, with split=False, in total)
     val: int
@@ -113,6 +113,7 @@ class FolderSpec:
 
 
 SPECS = [
+    FolderSpec("handwritten32", "sklearn", 32, 1438, 359),
     FolderSpec("digits28", "digits", 28, 1200, 300, gray=True),
     FolderSpec("glyphs32", "digits", 32, 1438, 359),
     FolderSpec("shapes32", "shapes", 32, 1000, 250),
@@ -122,7 +123,7 @@ SPECS = [
 ]
 
 
-def _images(spec: FolderSpec, n: int, seed: int):
+def _images(spec: FolderSpec, n: int, seed: int, sub: str = ""):
     rng = np.random.default_rng(seed)
     if spec.source == "shapes":
         import torch  # only the shapes source needs it
@@ -133,6 +134,9 @@ def _images(spec: FolderSpec, n: int, seed: int):
         for img, label in zip(split.images.permute(0, 2, 3, 1).numpy(), split.labels.tolist()):
             yield CLASS_NAMES[label].replace(" ", "_"), Image.fromarray(img)
         del torch
+        return
+    if spec.source == "sklearn":
+        yield from _handwritten(spec, n, val=sub == "val")
         return
     fonts = font_files()
     for i in range(n):
@@ -145,6 +149,20 @@ def _images(spec: FolderSpec, n: int, seed: int):
         yield f"digit_{digit}", img
 
 
+def _handwritten(spec: FolderSpec, n: int, *, val: bool):
+    # Real scans (UCI optical digits, shipped inside scikit-learn's wheel): 8x8 at 17 grey levels,
+    # upscaled to the folder's size as RGB, which is how such a set arrives in a user's folder.
+    # One fixed shuffle: train takes the first `spec.train` images, val the next `n`.
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    part = order[spec.train:spec.train + n] if val else order[:n]
+    for i in part:
+        img = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8)).convert("RGB")
+        yield f"digit_{digits.target[i]}", img.resize((int(spec.size), int(spec.size)), Image.BICUBIC)
+
+
 def build_folder(root: Path, spec: FolderSpec, seed: int = 0) -> Path:
     """Write `spec` under root/spec.name (skipped when already complete); returns the folder."""
     folder = Path(root) / spec.name
@@ -153,7 +171,7 @@ def build_folder(root: Path, spec: FolderSpec, seed: int = 0) -> Path:
         return folder
     parts = [("train", spec.train, seed), ("val", spec.val, seed + 1)] if spec.split else [("", spec.train, seed)]
     for sub, n, s in parts:
-        for i, (cls, img) in enumerate(_images(spec, n, s)):
+        for i, (cls, img) in enumerate(_images(spec, n, s, sub)):
             path = folder / sub / cls / f"{i:05d}.{spec.fmt}"
             path.parent.mkdir(parents=True, exist_ok=True)
             img.save(path, quality=90) if spec.fmt == "jpg" else img.save(path)

@@ -278,3 +278,22 @@ def _keep_most_confident_wrong(wrong: dict, images, conf, pred, targets, k: int)
     wrong["pred"] = torch.cat([wrong["pred"], pred[miss].cpu()])[order]
     wrong["target"] = torch.cat([wrong["target"], targets[miss].cpu()])[order]
     wrong["images"] = merged_imgs[order]
+
+
+def recalibrate_bn(model: nn.Module, batches: Iterable, rt: Runtime) -> bool:
+    """Re-estimate every BatchNorm's running statistics from `batches` with the current weights.
+
+    Running statistics are an average over the last ~10 training steps, taken while the weights
+    moved; early in a short run (high learning rate, few steps per epoch) they no longer describe
+    the model, and validation collapses (measured: 0.66 against 0.93 on the same weights).
+    torch's update_bn replaces them by an exact average over the given batches; training itself
+    only uses batch statistics, so nothing but evaluation changes. Returns False without BatchNorm.
+    """
+    from torch.optim.swa_utils import update_bn
+
+    model = _unwrap(model)
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return False
+    with rt.autocast():
+        update_bn((to_device(batch, rt)[0] for batch in batches), model)  # restores train/eval mode itself
+    return True

@@ -493,6 +493,8 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
         lr_steps.extend(v for s, v in tracker.read_scalars("train/lr") if s <= loop.global_step)
 
     grad_norm = reports.GradNormProbe(loop, loop.log_every) if rt.is_main else None
+    calib_images = min(int(tcfg.precise_bn_images), bundle.train.num_samples * rt.world_size)
+    calib = bundle.calibration(calib_images) if calib_images > 0 and bundle.calibration is not None else None
     if rt.is_main:
         log.info("%s", table_header())
         for row in st.history:
@@ -565,6 +567,10 @@ def _run_epochs(cfg, loop, bundle, st: _State, tracker, saver: _Saver, stopper: 
             loop.scheduler.step()
         train = running.summary()
         seconds = time.perf_counter() - t0
+        if calib is not None:  # BatchNorm statistics of the weights about to be validated (and saved)
+            for net in (loop.model, loop.ema.module if loop.ema is not None else None):
+                if net is not None:
+                    engine.recalibrate_bn(net, calib.iter_from(0), rt)
         val = engine.evaluate(loop.model, bundle.val.iter_from(0), rt, limit=int(tcfg.limit_val_batches),
                               num_classes=len(class_names), collect=rt.is_main)
         row = {"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"], "val_loss": val["loss"],

@@ -216,6 +216,7 @@ RULES: dict[str, Rule] = {
     "trainer.grad_accum_steps": Int(1),
     "trainer.label_smoothing": FRACTION,
     "trainer.ema_decay": FRACTION,
+    "trainer.precise_bn_images": Int(0),
     "trainer.warmup_epochs": NON_NEGATIVE,
     "trainer.weight_decay_norm_bias": Bool(),
     "trainer.backbone_lr_scale": NON_NEGATIVE,

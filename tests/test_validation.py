@@ -115,7 +115,7 @@ TRAINER: dict[str, Dom] = {
     "precision": words("auto", "fp32", "bf16", "fp16"), "channels_last": SWITCH,
     "compile": typed_bool(), "deterministic": typed_bool(),
     "grad_clip_value": NON_NEG, "grad_clip_norm": NON_NEG, "grad_accum_steps": ints(1),
-    "label_smoothing": FRACTION, "ema_decay": FRACTION, "warmup_epochs": NON_NEG,
+    "label_smoothing": FRACTION, "ema_decay": FRACTION, "precise_bn_images": ints(0), "warmup_epochs": NON_NEG,
     "weight_decay_norm_bias": typed_bool(), "backbone_lr_scale": NON_NEG,
     "monitor": words("val_acc", "val_loss", bad=("val_top5", "loss")), "early_stop_patience": ints(0),
     "log_every_n_steps": ints(1), "checkpoint_every_n_steps": ints(0), "save_top_k": ints(0),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ class DataBundle:
     summary: str
     plan: str = ""  # the resolved geometry and loader, each `auto` with its reason (start-up summary)
     workers: int = 0  # DataLoader worker processes per loader (0 on the in-memory path)
+    # calibration(k): k fixed training images in the eval view, the same on every rank and epoch
+    # (no augmentation, no random draw), for re-estimating BatchNorm statistics before validation.
+    calibration: Callable[[int], BatchSource] | None = None
 
 
 def _splitmix(x: np.ndarray) -> np.ndarray:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-from resnet_cli.data.contract import DataBundle
+from resnet_cli.data.contract import BatchSource, DataBundle, generator
 from resnet_cli.data.loader import BadImagePolicy, LoaderSource
 from resnet_cli.data.memory import MemorySource
 from resnet_cli.data.policy import Geometry, choose_loader, resolve_batch, resolve_geometry, usable_cores
@@ -98,6 +98,12 @@ def make_bundle(
         )
         val_src = MemorySource(val.images.to(device), val.labels, batch_size=val_batch_size or batch_size, train=False, **kw)
         workers = 0
+
+        def calibration(k: int) -> BatchSource:
+            idx = calibration_indices(len(train.labels), k, seed).to(train_src.device)
+            kw_one = {**kw, "rank": 0, "world_size": 1}  # every rank sees the same images: identical BN buffers
+            return MemorySource(train_src.images[idx], train_src.labels[idx], batch_size=val_batch_size or batch_size,
+                                train=False, **kw_one)
     else:
         workers = resolve_workers(num_workers)
         kw = dict(num_workers=workers, pin_memory=device.type == "cuda", bad_policy=bad_policy, **common)
@@ -109,10 +115,22 @@ def make_bundle(
         as_ds = lambda s: TensorImages(s) if isinstance(s, ArraySplit) else s  # noqa: E731
         train_src = LoaderSource(as_ds(train), train_tf, batch_size=batch_size, train=True, drop_last=drop_last, mixer=mixer, **kw)
         val_src = LoaderSource(as_ds(val), val_tf, batch_size=val_batch_size or batch_size, train=False, **kw)
+
+        def calibration(k: int) -> BatchSource:
+            ds = as_ds(train)
+            idx = calibration_indices(len(ds), k, seed).tolist()
+            return LoaderSource(Subset(ds, idx), val_tf, batch_size=val_batch_size or batch_size, train=False,
+                                **{**kw, "rank": 0, "world_size": 1})
     eval_spec = {"resize": int(geometry.resize), "crop": int(size), "mean": mean, "std": std}
     plan = (f"{geometry.describe()}; batch {batch_size} ({batch_why}); loader {loader} ({loader_why})"
             + (f", {workers} workers" if loader == "dataloader" else ""))
-    return DataBundle(list(class_names), train_src, val_src, eval_spec, summary, plan=plan, workers=workers)
+    return DataBundle(list(class_names), train_src, val_src, eval_spec, summary, plan=plan, workers=workers,
+                      calibration=calibration)
+
+
+def calibration_indices(n: int, k: int, seed: int) -> torch.Tensor:
+    """k of n training indices drawn once from `seed` (sorted: files are read in order)."""
+    return torch.randperm(n, generator=generator(seed, 0xCA1B))[:k].sort().values
 
 
 def device_memory(device: torch.device) -> int:
