@@ -35,8 +35,9 @@ def _export_onnx(model, x, path: Path) -> None:
     import torch
 
     try:
-        # One self-contained file (external_data=False) with a free batch dimension.
-        torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=["logits"],
+        # One self-contained file (external_data=False) with a free batch dimension. dynamo=True: torch.export's
+        # exporter, the default from torch 2.9 on, and the only one that takes dynamic_shapes (torch 2.6-2.8).
+        torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=["logits"], dynamo=True,
                           dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
     except ImportError as exc:
         raise UserError(f"ONNX export needs the `export` extra (onnx, onnxscript): {one_line(exc)}") from exc
