@@ -478,3 +478,15 @@ def test_readme_links_stay_inside_the_repository():
         for name in re.findall(r"`((?:docs|bench|tests|configs|resnet_cli)/[\w./-]+\.\w+)`", text):
             if name != "configs/optimizer/rmsprop.yaml":  # the file the "Extending" example asks you to write
                 assert (REPO / name).exists(), f"{doc.name}: names missing {name}"
+
+
+def test_the_repository_stands_alone():
+    """No file of the project points outside it: not at a folder beside the clone, nor at notes kept elsewhere."""
+    outside = re.compile(r"\.\./shared|\b(?:DESIGN|RECIPES|STYLE)\.md\b")
+    files = [REPO / "README.md", REPO / "pyproject.toml", *(REPO / ".ci").iterdir()]
+    for folder in ("docs", "bench", "tests", "configs", "resnet_cli"):
+        files += [p for p in (REPO / folder).rglob("*") if p.suffix in (".md", ".py", ".yaml", ".toml", ".txt")]
+    for path in files:
+        if path.is_file() and path != Path(__file__).resolve():
+            hit = outside.search(path.read_text(errors="replace"))
+            assert hit is None, f"{path.relative_to(REPO)} refers outside the repository: {hit[0]}"
