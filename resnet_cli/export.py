@@ -83,7 +83,8 @@ def _export_safetensors(model, ckpt: dict, path: Path, weights: str) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     # Metadata is str -> str: enough to rebuild the model and its eval transform without the checkpoint.
     meta = {"format": "resnet-cli/1", "class_names": json.dumps(ckpt["class_names"]),
-            "eval_spec": json.dumps(ckpt["eval_spec"]), "model_config": json.dumps(ckpt["config"]["model"]), "weights": weights}
+            "eval_spec": json.dumps(ckpt["eval_spec"]), "model_config": json.dumps(ckpt["config"]["model"]),
+            "weights": weights}
     save_file(state, str(path), metadata=meta)
 
 
