@@ -34,11 +34,18 @@ def example_batch(eval_spec: dict, batch: int = 2, seed: int = 0):
 def _export_onnx(model, x, path: Path) -> None:
     import torch
 
+    release = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
     try:
-        # One self-contained file (external_data=False) with a free batch dimension. dynamo=True: torch.export's
-        # exporter, the default from torch 2.9 on, and the only one that takes dynamic_shapes (torch 2.6-2.8).
-        torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=["logits"], dynamo=True,
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
+        # One self-contained file (external_data=False) with a free batch dimension.
+        if release >= (2, 9):
+            # torch.export's exporter, the default from torch 2.9 on (the TorchScript one is deprecated there).
+            torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=["logits"], dynamo=True,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
+        else:
+            # Before 2.9 the torch.export path needs an onnxscript of its own time (the newest one cannot
+            # translate torch 2.6's batch norm; .ci/lowest found it): the TorchScript exporter needs none.
+            torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=["logits"], dynamo=False,
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, verbose=False)
     except ImportError as exc:
         raise UserError(f"ONNX export needs the `export` extra (onnx, onnxscript): {one_line(exc)}") from exc
 

@@ -25,7 +25,6 @@ import os
 import re
 import shlex
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -117,7 +116,13 @@ EXAMPLES = readme_examples(README.read_text())
 
 # --- running the console scripts in this process ------------------------------------------------------------------
 
-SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+def _console_scripts() -> dict[str, str]:
+    """pyproject.toml's [project.scripts]: name -> "module:function" (read by hand: tomllib is Python 3.11+)."""
+    table = (REPO / "pyproject.toml").read_text().split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    return dict(re.findall(r'^([\w-]+)\s*=\s*"([\w.:]+)"', table, re.M))
+
+
+SCRIPTS = _console_scripts()
 
 
 @dataclass
