@@ -20,7 +20,6 @@ import csv
 import importlib
 import io
 import json
-import logging
 import os
 import re
 import shlex
@@ -31,7 +30,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, logging_restored
 
 README = REPO / "README.md"
 MARKER = re.compile(r'^\s*<!-- readme-test: (not run|run by (\S+?))(?: for "([^"]+)")?(?:: (.*?))? -->\s*$')
@@ -139,13 +138,11 @@ def run_script(argv: list[str], cwd: Path) -> Result:
     module, _, attr = SCRIPTS[argv[0]].partition(":")
     entry = getattr(importlib.import_module(module), attr)
     out, err = io.StringIO(), io.StringIO()
-    root = logging.getLogger()
-    handlers, level, environ = root.handlers[:], root.level, dict(os.environ)
-    saved_argv, saved_cwd, code = sys.argv, os.getcwd(), 0
+    environ, saved_argv, saved_cwd, code = dict(os.environ), sys.argv, os.getcwd(), 0
     sys.argv = list(argv)
     os.chdir(cwd)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with logging_restored(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             entry()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
@@ -154,14 +151,6 @@ def run_script(argv: list[str], cwd: Path) -> Result:
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(environ)  # resnet-train sets HYDRA_FULL_ERROR for its own process
-        for handler in root.handlers[:]:  # Hydra's job logging replaced the root handlers
-            if handler not in handlers:
-                root.removeHandler(handler)
-                handler.close()
-        for handler in handlers:
-            if handler not in root.handlers:
-                root.addHandler(handler)
-        root.setLevel(level)
     return Result(code, out.getvalue(), err.getvalue())
 
 
