@@ -134,6 +134,7 @@ def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
 
 _KEY_MISSING = re.compile(r"Key '([^']+)' not in '([^']+)'")
 _NO_OPTION = re.compile(r"Could not find '([^']+)/([^']+)'")
+_NO_PLUGIN_CONFIG = re.compile(r"(?:In '([^']+)': )?Could not (?:find|load) '(hydra/[^']+)'")
 _MERGE = re.compile(r"^Error merging override (\S+)")
 _FULL_KEY = re.compile(r"full_key:\s*(\S+)")
 
@@ -149,6 +150,13 @@ def one_line(exc: BaseException) -> str:
     if cause is not None and str(cause) not in text:
         text = f"{text}\n{cause}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    plugin = next((m for m in map(_NO_PLUGIN_CONFIG.search, lines) if m), None)
+    if plugin:
+        from resnet_cli.extras import missing_plugin_line
+
+        line = missing_plugin_line(plugin.group(2), plugin.group(1))
+        if line:
+            return line
     option = next((m for m in map(_NO_OPTION.search, lines) if m), None)
     if option:
         return _unknown_option(option.group(1), option.group(2), lines)

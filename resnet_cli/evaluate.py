@@ -17,6 +17,7 @@ from typing import Sequence
 
 from resnet_cli.errors import OneLineParser, UserError, non_negative_int, one_line, reported
 from resnet_cli.fileio import atomic_write
+from resnet_cli.predict import WEIGHTS, WEIGHTS_HELP
 
 SPLITS = ("val", "train")
 # Evaluating the train split means measuring it, not training on it: no augmentation or mixing.
@@ -44,8 +45,11 @@ def _dataset_config(ckpt: dict, overrides: Sequence[str], split: str) -> dict:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", overrides: Sequence[str] = (),
-                        device: str | None = None, limit: int = 0) -> tuple[dict, dict]:
-    """Run the checkpoint over a split; returns (report dict, raw engine.evaluate output)."""
+                        device: str | None = None, limit: int = 0, weights: str = "auto") -> tuple[dict, dict]:
+    """Run the checkpoint over a split; returns (report dict, raw engine.evaluate output).
+
+    `weights`: auto (the EMA average when the run kept one, as training validated it), ema or raw.
+    """
     from hydra.utils import instantiate
 
     from resnet_cli import engine, reports, runtime
@@ -58,7 +62,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", overrides: S
     if device is not None:
         device = resolve_device(device)  # the flag's own one-line error, before the checkpoint is read
     path = resolve_checkpoint(checkpoint)
-    model, ckpt = load_model(path, "cpu")
+    model, ckpt, chosen = load_model(path, "cpu", weights)
     tcfg = ckpt["config"].get("trainer", {})
     dev = runtime.resolve_device(device or str(tcfg.get("device", "auto")))
     precision = runtime.resolve_precision(str(tcfg.get("precision", "auto")), dev)
@@ -78,6 +82,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", overrides: S
     report = {
         "checkpoint": str(path),
         "split": split,
+        "weights": chosen.name,
+        "weights_detail": chosen.line(),
         "samples": int(cm.sum()),
         "accuracy": out["acc"],
         "loss": out["loss"],
@@ -101,6 +107,7 @@ def format_report(report: dict) -> str:
     names = report["class_names"]
     cm = torch.tensor(report["confusion_matrix"])
     lines = [f"{report['checkpoint']}  split={report['split']}  samples={report['samples']}",
+             report["weights_detail"],
              f"accuracy {report['accuracy']:.4f}  loss {report['loss']:.4f}"
              + (f"  top5 {report['top5']:.4f}" if "top5" in report else ""), "",
              reports.accuracy_table(cm, names), "", "confusion matrix (rows true, columns predicted):"]
@@ -136,6 +143,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--logdir", help="TensorBoard folder (default: <checkpoint folder>/eval_<split>)")
     ap.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard events")
     ap.add_argument("--device", help="default: the checkpoint's trainer.device")
+    ap.add_argument("--weights", choices=WEIGHTS, default="auto", help=WEIGHTS_HELP)
     ap.add_argument("--limit-batches", type=non_negative_int, default=0,
                     help="evaluate only this many batches (0 = all)")
     return ap.parse_args(argv)
@@ -143,7 +151,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate as the parsed command line asks; prints the report and writes the files."""
-    report, out = evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.device, args.limit_batches)
+    report, out = evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.device, args.limit_batches,
+                                      args.weights)
     if args.json != "-":
         print(format_report(report))
     if args.json:

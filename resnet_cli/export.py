@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from resnet_cli.errors import OneLineParser, UserError, non_negative_float, one_line, reported
+from resnet_cli.predict import WEIGHTS, WEIGHTS_HELP
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
@@ -33,10 +34,18 @@ def example_batch(eval_spec: dict, batch: int = 2, seed: int = 0):
 def _export_onnx(model, x, path: Path) -> None:
     import torch
 
+    release = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
     try:
         # One self-contained file (external_data=False) with a free batch dimension.
-        torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=["logits"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
+        if release >= (2, 9):
+            # torch.export's exporter, the default from torch 2.9 on (the TorchScript one is deprecated there).
+            torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=["logits"], dynamo=True,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
+        else:
+            # Before 2.9 the torch.export path needs an onnxscript of its own time (the newest one cannot
+            # translate torch 2.6's batch norm; .ci/lowest found it): the TorchScript exporter needs none.
+            torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=["logits"], dynamo=False,
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, verbose=False)
     except ImportError as exc:
         raise UserError(f"ONNX export needs the `export` extra (onnx, onnxscript): {one_line(exc)}") from exc
 
@@ -75,13 +84,14 @@ def _check_torchscript(path: Path, x):
         return loaded(x)
 
 
-def _export_safetensors(model, ckpt: dict, path: Path) -> None:
+def _export_safetensors(model, ckpt: dict, path: Path, weights: str) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     # Metadata is str -> str: enough to rebuild the model and its eval transform without the checkpoint.
     meta = {"format": "resnet-cli/1", "class_names": json.dumps(ckpt["class_names"]),
-            "eval_spec": json.dumps(ckpt["eval_spec"]), "model_config": json.dumps(ckpt["config"]["model"])}
+            "eval_spec": json.dumps(ckpt["eval_spec"]), "model_config": json.dumps(ckpt["config"]["model"]),
+            "weights": weights}
     save_file(state, str(path), metadata=meta)
 
 
@@ -105,8 +115,11 @@ def _check_safetensors(path: Path, x):
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, formats: Sequence[str] = FORMATS, atol: float = 1e-4,
-           name: str | None = None, log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Write each format into out_dir and verify it; returns {format: {path, max_abs_diff, verified}}."""
+           name: str | None = None, log: Callable[[str], None] = print, weights: str = "auto") -> dict[str, dict]:
+    """Write each format into out_dir and verify it; returns {format: {path, max_abs_diff, verified}}.
+
+    `weights`: auto (the EMA average when the run kept one, as training validated it), ema or raw.
+    """
     import torch
 
     from resnet_cli.predict import load_model, resolve_checkpoint
@@ -115,7 +128,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, formats: Sequence[str] =
     if unknown:
         raise UserError(f"--formats: unknown format '{unknown[0]}'; choose from {', '.join(FORMATS)}")
     path = resolve_checkpoint(checkpoint)
-    model, ckpt = load_model(path, "cpu")
+    model, ckpt, chosen = load_model(path, "cpu", weights)
+    log(chosen.line())
     model = model.float()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +147,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, formats: Sequence[str] =
             _export_torchscript(model, x, target)
             got = _check_torchscript(target, x)
         else:
-            _export_safetensors(model, ckpt, target)
+            _export_safetensors(model, ckpt, target, chosen.name)
             got = _check_safetensors(target, x)
         if got is None:
             results[fmt] = {"path": str(target), "max_abs_diff": None, "verified": False}
@@ -156,6 +170,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--atol", type=non_negative_float, default=1e-4,
                     help="largest allowed |difference| from PyTorch")
     ap.add_argument("--name", help="file stem (default: the model's name)")
+    ap.add_argument("--weights", choices=WEIGHTS, default="auto", help=WEIGHTS_HELP)
     return ap.parse_args(argv)
 
 
@@ -167,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         out = Path(args.out) if args.out else resolve_checkpoint(args.checkpoint).parent / "export"
         export(args.checkpoint, out, [f.strip() for f in args.formats.split(",") if f.strip()], args.atol,
-               args.name)
+               args.name, weights=args.weights)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from typing import Callable
@@ -44,8 +45,24 @@ def _classifier(model: nn.Module) -> nn.Module:
     return fc
 
 
+def plain_factory(factory: Callable) -> Callable:
+    """The factory with OmegaConf lists and dicts among its keywords turned into plain Python ones.
+
+    Optimizers keep some arguments as given (torch 2.6 stores Adam's `betas` ListConfig in its
+    param_groups, later releases a tuple), and a checkpoint must hold only what weights_only loading accepts.
+    """
+    if not isinstance(factory, functools.partial):
+        return factory
+    from omegaconf import Container, OmegaConf
+
+    keywords = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, Container) else v
+                for k, v in factory.keywords.items()}
+    return functools.partial(factory.func, *factory.args, **keywords)
+
+
 def build_optimizer(factory: Callable, groups: list[dict]) -> torch.optim.Optimizer:
     """Call the optimizer factory (a functools.partial from the config) on the param groups."""
+    factory = plain_factory(factory)
     base_lr = _keyword(factory, "lr")
     if base_lr is not None:
         for g in groups:
@@ -59,6 +76,7 @@ def build_scheduler(factory: Callable, optimizer: torch.optim.Optimizer, *, inte
     """Build the schedule in units of `interval` (step|epoch), with an optional linear warm-up."""
     if interval not in ("step", "epoch"):
         raise ValueError(f"scheduler.interval must be step or epoch, got {interval!r}")
+    factory = plain_factory(factory)  # e.g. MultiStepLR's milestones: into the checkpoint as a plain list
     per_epoch = steps_per_epoch if interval == "step" else 1
     total = max(1, epochs * per_epoch)
     warmup = int(round(warmup_epochs * per_epoch))

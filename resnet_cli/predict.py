@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -68,8 +69,57 @@ def resolve_device(name: str, flag: str = "--device") -> str:
     return text
 
 
-def model_from_checkpoint(ckpt: dict, source: str | Path):
-    """The checkpoint's model, built from the config it carries and loaded with its weights (one-line UserError)."""
+WEIGHTS = ("auto", "ema", "raw")
+WEIGHTS_HELP = ("auto (default): the EMA average when the run kept one (trainer.ema_decay), else the raw weights; "
+                "ema or raw to choose")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Which of a checkpoint's two sets of weights a tool uses, and what training measured for them."""
+
+    name: str  # "ema" or "raw"
+    state: dict
+    detail: str  # why these, and the accuracy validation gave them
+
+    def line(self) -> str:
+        """The start-up/result line that says which weights are in use."""
+        return f"weights: {self.name} ({self.detail})"
+
+
+def choose_weights(ckpt: dict, choice: str = "auto", source: str | Path = "") -> Weights:
+    """The weights a tool should use: with trainer.ema_decay the EMA average (validated each epoch), else the raw ones.
+
+    A run with EMA validates both sets; the average is the one the EMA was kept for, so `auto` takes it.
+    """
+    if choice not in WEIGHTS:
+        raise UserError(f"--weights {choice}: use {', '.join(WEIGHTS)}")
+    ema = ckpt.get("ema")
+    if choice == "ema" and not ema:
+        raise UserError(f"--weights ema: {source} holds no EMA weights (trained without trainer.ema_decay); "
+                        f"use --weights raw")
+    name = "ema" if ema and choice != "raw" else "raw"
+    decay = ((ckpt.get("config") or {}).get("trainer") or {}).get("ema_decay")
+    reason = [f"trainer.ema_decay={decay}"] if name == "ema" else ["--weights raw"] if ema else []
+    metrics = ckpt.get("metrics") or {}  # the epoch's table row; empty in a mid-epoch checkpoint
+    acc = metrics.get("ema_val_acc" if name == "ema" else "val_acc")
+    reason.append(f"validated at epoch {metrics.get('epoch')}: acc {acc:.4f}" if acc is not None
+                  else "saved mid-epoch: not validated")
+    if name == "ema":
+        # AveragedModel's state_dict: the averaged module under "module." (buffers too: use_buffers=True),
+        # plus its own step counter "n_averaged".
+        prefix = "module."
+        state = {k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)}
+    else:
+        state = ckpt["model"]
+    return Weights(name, state, "; ".join(reason))
+
+
+def model_from_checkpoint(ckpt: dict, source: str | Path, weights: Weights | None = None):
+    """The checkpoint's model, built from the config it carries and loaded with its weights (one-line UserError).
+
+    `weights` defaults to the raw weights (ckpt["model"]); tools pass choose_weights(...) to use the EMA.
+    """
     from resnet_cli import checkpoint
     from resnet_cli.build import build_model
 
@@ -83,13 +133,18 @@ def model_from_checkpoint(ckpt: dict, source: str | Path):
         model = build_model(model_cfg, classes, ckpt.get("eval_spec", {}).get("crop"), fetch_weights=False)
     except Exception as exc:  # noqa: BLE001 - a config the model builder refuses is a property of the file
         raise UserError(f"{source}: cannot build the model its config describes ({one_line(exc)})") from exc
-    checkpoint.load_weights(model, ckpt["model"], f"{source}: its weights do not fit the model its config "
-                                                  f"describes ({model_cfg.get('name', '?')}, {classes} classes)")
+    which = f"{weights.name} weights" if weights is not None else "weights"
+    checkpoint.load_weights(model, weights.state if weights is not None else ckpt["model"],
+                            f"{source}: its {which} do not fit the model its config describes "
+                            f"({model_cfg.get('name', '?')}, {classes} classes)")
     return model
 
 
-def load_model(path: str | Path, device: str = "cpu"):
-    """Rebuild the checkpoint's model in eval mode; returns (model, checkpoint dict)."""
+def load_model(path: str | Path, device: str = "cpu", weights: str = "auto"):
+    """Rebuild the checkpoint's model in eval mode; returns (model, checkpoint dict, the Weights it holds).
+
+    `weights` is auto, ema or raw (see choose_weights): by default the weights that training validated.
+    """
     import torch
 
     from resnet_cli import checkpoint
@@ -99,8 +154,9 @@ def load_model(path: str | Path, device: str = "cpu"):
     for key in ("config", "class_names", "eval_spec"):
         if key not in ckpt:
             raise UserError(f"{path}: checkpoint has no '{key}' entry (not written by resnet-train?)")
-    model = model_from_checkpoint(ckpt, path)
-    return model.to(torch.device(device)).eval(), ckpt
+    chosen = choose_weights(ckpt, weights, path)
+    model = model_from_checkpoint(ckpt, path, chosen)
+    return model.to(torch.device(device)).eval(), ckpt, chosen
 
 
 def find_images(inputs: Sequence[str]) -> list[Path]:
@@ -312,6 +368,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="names to print instead of the checkpoint's: class_names.json (a list) or "
                          "class_indices.json ({\"0\": \"daisy\", ...})")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    ap.add_argument("--weights", choices=WEIGHTS, default="auto", help=WEIGHTS_HELP)
     ap.add_argument("--batch-size", type=positive_int, default=64)
     ap.add_argument("--on-bad-image", choices=ON_BAD_IMAGE, default="error",
                     help="error (default): stop at an unreadable image, naming it; skip: leave it out and say so")
@@ -323,7 +380,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     files = find_images(args.images)  # check the inputs before paying for torch and the model
     names = read_class_names(args.class_names) if args.class_names else None
     device = resolve_device(args.device)
-    model, ckpt = load_model(args.checkpoint, device)
+    model, ckpt, weights = load_model(args.checkpoint, device, args.weights)
     if names is not None:
         if len(names) != len(ckpt["class_names"]):
             raise UserError(f"--class-names {args.class_names}: {len(names)} names, but the model has "
@@ -332,6 +389,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     skipped: list = []
     results = predict(model, ckpt, files, topk=args.topk, batch_size=args.batch_size, device=device,
                       on_bad_image=args.on_bad_image, skipped=skipped)
+    # After the predictions, so that an error stays the only line on stderr; stdout may be JSON or CSV.
+    print(f"resnet-predict: {weights.line()}", file=sys.stderr)
     for path, reason in skipped:
         print(f"resnet-predict: skipped: {reason}", file=sys.stderr)
     if skipped:

@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from resnet_cli import config as _schemas  # noqa: F401  (registers the typed schemas)
 from resnet_cli import config_dir, submitit_requeue
 from resnet_cli.errors import Refused, UserError, one_line
+from resnet_cli.extras import require_extras
 from resnet_cli.fileio import atomic_link, atomic_write, write_json
 from resnet_cli.runfolder import check_run_folder, clear_run
 
@@ -83,6 +84,7 @@ def main() -> None:
     _quiet_other_ranks()
     try:  # the outer try also catches a Ctrl-C that lands while an inner handler reports
         try:
+            require_extras(sys.argv[1:])  # a missing plugin's extra, named before Hydra reports it its own way
             hydra_main()
         except Preempted as exc:
             _preempted(exc)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -102,19 +104,28 @@ def only_run_dir(root: Path) -> Path:
     return found[0]
 
 
-@pytest.fixture
-def keep_logging():
-    """Hydra's job logging replaces the root handlers (pointing them at captured streams): put them back."""
+@contextlib.contextmanager
+def logging_restored() -> Iterator[None]:
+    """Hydra's job logging replaces the root handlers (pointing them at captured streams): put them back after."""
     import logging
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    yield
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+
+
+@pytest.fixture
+def keep_logging():
+    """The root logger's handlers as they were before the test (see logging_restored)."""
+    with logging_restored():
+        yield

@@ -8,16 +8,20 @@ worker in a session of its own). Linux only: these tests read /proc.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -93,6 +97,24 @@ def kill_groups(pgids: set[int]) -> None:
             pass
 
 
+def wait_exited(pids: set[int] | list[int], timeout: float) -> None:
+    """Return once every pid has exited (each one's pidfd turns readable) or after timeout; never polls."""
+    fds = []
+    for pid in pids:
+        try:
+            fds.append(os.pidfd_open(pid))
+        except ProcessLookupError:
+            continue  # already gone
+    try:
+        pending, deadline = set(fds), time.monotonic() + timeout
+        while pending and (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select(list(pending), [], [], left)
+            pending -= set(ready)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def kill_tree(tag: str, pgids: set[int], timeout: float = 30.0) -> set[int]:
     """Kill the given groups and every tagged process's group; wait until none is alive; return all groups."""
     groups = set(pgids)
@@ -100,11 +122,11 @@ def kill_tree(tag: str, pgids: set[int], timeout: float = 30.0) -> set[int]:
     while True:
         groups |= set(tagged(tag).values())
         kill_groups(groups)
-        if not alive_in_groups(groups) and not tagged(tag):
+        alive = set(alive_in_groups(groups)) | set(tagged(tag))
+        if not alive or time.monotonic() > deadline:
             return groups
-        if time.monotonic() > deadline:
-            return groups
-        time.sleep(0.05)  # SIGKILL is asynchronous; a killed parent's children are reaped by init
+        # SIGKILL is asynchronous: wait for these exits, then look again (a child forked meanwhile is killed next).
+        wait_exited(alive, deadline - time.monotonic())
 
 
 def assert_no_leftovers(tag: str, pgids: set[int]) -> None:
@@ -171,17 +193,76 @@ class Follower:
         return f"--- {self.name} (last {chars} chars) ---\n{self.text()[-chars:]}"
 
 
+# inotify(7) events that mean "the file may have new lines": written, closed, or created/moved into place.
+_IN_MODIFY, _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x2, 0x8, 0x80, 0x100
+
+
+class _Inotify:
+    """A Linux inotify descriptor (through libc: the standard library has no binding) to wait on with select."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+
+    def watch_towards(self, path: Path) -> None:
+        """Watch path for writes if it exists, and its deepest existing folder for what is created in it."""
+        if path.exists():
+            self._libc.inotify_add_watch(self.fd, os.fsencode(path), _IN_MODIFY | _IN_CLOSE_WRITE)
+        folder = path.parent
+        while not folder.is_dir():
+            folder = folder.parent
+        self._libc.inotify_add_watch(self.fd, os.fsencode(folder), _IN_CREATE | _IN_MOVED_TO | _IN_MODIFY)
+
+    def drain(self) -> None:
+        """Discard the queued events (the caller re-reads the file instead)."""
+        try:
+            while os.read(self.fd, 1 << 16):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        """Release the descriptor and its watches."""
+        os.close(self.fd)
+
+
+@contextmanager
+def _pidfd(pid: int) -> Iterator[list[int]]:
+    try:
+        fds = [os.pidfd_open(pid)]  # readable once the process exits
+    except ProcessLookupError:
+        fds = []  # already exited and reaped: the caller sees it from poll()
+    try:
+        yield fds
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def wait_for_file_line(path: Path, pattern: str, timeout: float, owner: Follower, name: str) -> re.Match:
-    """The first line of a log file that matches pattern, polled while `owner` runs (for jobs that log to files)."""
+    """The first line of a log file that matches pattern, waited for while `owner` runs (for jobs that log to files).
+
+    Woken by the file's changes (inotify) or by owner's exit (its pidfd), never by a clock.
+    """
     deadline = time.monotonic() + timeout
-    while True:
-        text = path.read_text() if path.is_file() else ""
-        if m := re.search(pattern, text, re.MULTILINE):
-            return m
-        if owner.proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"{name} never printed {pattern!r} in {path} ({owner.name} exit code "
-                        f"{owner.proc.poll()}):\n{text[-2000:]}\n{owner.tail()}")
-        time.sleep(0.1)  # a poll interval of a file that another process appends to, bounded by timeout
+    notify = _Inotify()
+    try:
+        with _pidfd(owner.proc.pid) as exited:
+            while True:
+                notify.watch_towards(path)  # before reading: a write after the read wakes the select below
+                text = path.read_text() if path.is_file() else ""
+                if m := re.search(pattern, text, re.MULTILINE):
+                    return m
+                left = deadline - time.monotonic()
+                if owner.proc.poll() is not None or left <= 0:
+                    pytest.fail(f"{name} never printed {pattern!r} in {path} ({owner.name} exit code "
+                                f"{owner.proc.poll()}):\n{text[-2000:]}\n{owner.tail()}")
+                select.select([notify.fd, *exited], [], [], left)
+                notify.drain()
+    finally:
+        notify.close()
 
 
 def holding_open(pids: list[int], path: Path) -> list[int]:

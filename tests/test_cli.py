@@ -108,19 +108,6 @@ def test_two_job_sweep_leaves_two_complete_run_folders(cli, tmp_path):
     assert optimizers == {0, 1}
 
 
-def test_readme_quick_start_is_two_commands_and_ci_runs_the_test_one():
-    """The Quick start opens with exactly two commands; .ci/run runs the second one verbatim."""
-    readme = (REPO / "README.md").read_text()
-    quick = readme.split("## Quick start", 1)[1].split("Then,", 1)[0]
-    commands = [ln.strip() for ln in quick.splitlines() if ln.startswith("    ")]
-    assert len(commands) == 2, commands
-    setup_and_demo, setup_and_test = commands
-    assert setup_and_demo.startswith("python3 -m venv .venv") and "resnet-train experiment=demo" in setup_and_demo
-    assert setup_and_test.startswith("python3 -m venv .venv") and "pytest" in setup_and_test
-    ci = (REPO / ".ci" / "run").read_text()
-    assert setup_and_test in ci
-
-
 def test_batch_larger_than_the_dataset_is_one_line(cli, tmp_path):
     res = cli("dataset=shapes", "dataset.num_train=64", "dataset.num_val=32", "dataset.image_size=16",
               "dataset.batch_size=128", "model=resnet20", "trainer.device=cpu", f"output_root={tmp_path / 'o'}")

@@ -63,3 +63,43 @@ def test_a_failed_job_is_listed_with_its_error(cli, tmp_path):
     assert "dataset.num_train" in rows[0]["error"] and rows[0]["best_val_acc"] == ""
     assert rows[1]["best_val_acc"] != ""
     assert "failed" in res.stderr and "sweep summary:" in res.stderr  # printed even though the sweep aborted
+
+
+# Without an extra: the override that needs it, the module(s) hidden as if not installed, the extra named.
+MISSING_EXTRAS = [
+    (["-m", "hparams_search=optuna"], "hydra_plugins.hydra_optuna_sweeper", "sweep"),
+    (["hparams_search=optuna"], "optuna", "sweep"),  # the plugin without the library it drives
+    (["-m", "hydra/launcher=parallel", "optimizer=sgd,adam"], "hydra_plugins.hydra_joblib_launcher", "sweep"),
+    (["-m", "hydra/launcher=slurm", "optimizer=sgd,adam"], "hydra_plugins.hydra_submitit_launcher", "slurm"),
+    (["-m", "hydra/launcher=local", "optimizer=sgd,adam"], "submitit", "slurm"),
+]
+HIDE_SHIM = Path(__file__).resolve().parent / "shims" / "hide_modules"
+
+
+@pytest.mark.parametrize("args, hidden, extra", MISSING_EXTRAS, ids=[f"{h} {a[-1]}" for a, h, _ in MISSING_EXTRAS])
+def test_a_missing_extra_is_one_line_naming_what_to_install(cli, tmp_path, args, hidden, extra):
+    import os
+
+    path = os.pathsep.join(filter(None, [str(HIDE_SHIM), os.environ.get("PYTHONPATH")]))
+    res = cli(*args, f"output_root={tmp_path / 'outputs'}", env={"PYTHONPATH": path, "RESNET_CLI_TEST_HIDE": hidden})
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert lines[0].startswith(f"resnet-train: error: {args[1] if args[0] == '-m' else args[0]} needs the `{extra}`")
+    assert lines[0].endswith(f"pip install 'resnet-cli[{extra}]'")
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_hydras_missing_plugin_config_names_the_extra_wherever_it_was_chosen():
+    """An option chosen in a config file, not on the command line, reaches Hydra's error: one_line names the extra."""
+    from hydra.errors import MissingConfigException
+
+    from resnet_cli.errors import one_line
+
+    exc = MissingConfigException("In 'hydra/launcher/slurm': Could not load 'hydra/launcher/submitit_slurm'.\n"
+                                 "Config search path:\n\tprovider=hydra, path=pkg://hydra.conf", "x")
+    assert one_line(exc) == ("hydra/launcher=slurm needs the `slurm` extra (its Hydra plugin is not installed): "
+                             "pip install 'resnet-cli[slurm]'")
+    exc = MissingConfigException("In 'hydra/config': Could not find 'hydra/sweeper/optuna'\n\nAvailable options in "
+                                 "'hydra/sweeper':\n\tbasic", "x")
+    assert one_line(exc).startswith("hydra/sweeper=optuna needs the `sweep` extra")

@@ -124,7 +124,7 @@ def test_predict_csv_matches_json(trained, val_pngs, tmp_path):
     from resnet_cli.predict import find_images, load_model, predict, to_csv
 
     folder, _ = val_pngs
-    model, ckpt = load_model(trained)
+    model, ckpt, _ = load_model(trained)
     results = predict(model, ckpt, find_images([str(folder)])[:4], topk=2)
     rows = to_csv(results).strip().splitlines()
     assert rows[0] == "file,rank,class,index,prob" and len(rows) == 1 + 4 * 2
@@ -168,20 +168,73 @@ def test_eval_bad_override_names_the_key(trained, tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
-def test_export_formats_reload_and_match_pytorch(trained, tmp_path):
-    from resnet_cli.export import FORMATS, export
+@pytest.fixture(scope="module")
+def trained_ema(tmp_path_factory):
+    """A run with trainer.ema_decay: 2 short epochs, so the average and the raw weights still differ."""
+    root = tmp_path_factory.mktemp("tools_ema")
+    run_dir = root / "run"
+    fit_inproc(run_dir, [*TINY, "model=resnet20", "trainer.epochs=2", "trainer.ema_decay=0.9",
+                         f"output_root={root / 'outputs'}"])
+    return run_dir
 
-    results = export(trained, tmp_path / "exported", log=lambda _: None)
-    assert set(results) == set(FORMATS)
-    for fmt in ("torchscript", "safetensors"):
-        assert results[fmt]["verified"] and results[fmt]["max_abs_diff"] <= 1e-4
-        assert Path(results[fmt]["path"]).is_file()
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        pytest.skip("onnxruntime is not installed: ONNX outputs were not compared")
-    assert results["onnx"]["verified"] and results["onnx"]["max_abs_diff"] <= 1e-4
-    assert not list((tmp_path / "exported").glob("*.data"))  # one self-contained .onnx file
+
+def test_tools_use_the_ema_weights_training_validated(trained_ema, val_pngs, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from resnet_cli import evaluate, export, predict
+
+    last = trained_ema / "last.pt"
+    ck = torch.load(last, map_location="cpu", weights_only=True)
+    ema = {k.removeprefix("module."): v for k, v in ck["ema"].items() if k.startswith("module.")}
+    assert any(not torch.equal(ema[k], v) for k, v in ck["model"].items())  # two different sets of weights
+    logged = read_metrics(trained_ema)["history"][-1]
+
+    # resnet-eval (the console script) measures the EMA weights: the accuracy training logged for them.
+    out = tmp_path / "eval.json"
+    res = run_script("resnet-eval", str(last), "--json", str(out), "--no-tensorboard", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["weights"] == "ema" and report["accuracy"] == pytest.approx(logged["ema_val_acc"], abs=1e-9)
+    assert f"weights: ema (trainer.ema_decay=0.9; validated at epoch 2: acc {logged['ema_val_acc']:.4f})" in res.stdout
+    raw, _ = evaluate.evaluate_checkpoint(last, weights="raw")
+    assert raw["weights"] == "raw" and raw["accuracy"] == pytest.approx(logged["val_acc"], abs=1e-9)
+    if logged["val_acc"] != logged["ema_val_acc"]:
+        assert raw["accuracy"] != report["accuracy"]
+
+    # resnet-predict: the probabilities of the EMA model, not of the raw one.
+    folder, _ = val_pngs
+    files = predict.find_images([str(folder)])[:8]
+    preds = tmp_path / "preds.json"
+    predict.main([str(last), *map(str, files), "--topk", "10", "--json", str(preds)])
+    assert "resnet-predict: weights: ema (" in capsys.readouterr().err
+    got = json.loads(preds.read_text())
+
+    def probs(state: dict) -> torch.Tensor:
+        model = predict.model_from_checkpoint({**ck, "model": state}, last).eval()
+        from resnet_cli.data.transforms import build_eval_transform
+
+        transform = build_eval_transform(**ck["eval_spec"])
+        with torch.inference_mode():
+            return model(torch.stack([predict._read(f, transform) for f in files])).softmax(1)
+
+    want, other = probs(ema), probs(ck["model"])
+    printed = torch.tensor([[t["prob"] for t in sorted(r["top"], key=lambda t: t["index"])] for r in got])
+    torch.testing.assert_close(printed, want, rtol=0, atol=1e-5)
+    assert not torch.allclose(printed, other, atol=1e-5)
+
+    # resnet-export: the EMA weights in the file, and the exported model computes what the EMA model does.
+    lines: list[str] = []
+    results = export.export(last, tmp_path / "exported", ["safetensors", "torchscript"], log=lines.append)
+    assert lines[0].startswith("weights: ema (")
+    saved = load_file(results["safetensors"]["path"])
+    assert saved.keys() == ema.keys() and all(torch.equal(saved[k], ema[k]) for k in ema)
+    assert results["torchscript"]["verified"]
+
+
+def test_weights_ema_without_an_ema_is_one_line(trained, tmp_path):
+    res = run_script("resnet-eval", str(trained), "--weights", "ema", "--no-tensorboard", cwd=tmp_path)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "--weights ema" in res.stderr and "no EMA weights" in res.stderr
 
 
 def test_lr_find_writes_the_curve_and_suggests_overrides(tmp_path):
