@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from resnet_cli.errors import UserError
+from resnet_cli.errors import UserError, first_line
 from resnet_cli.fileio import atomic_write, is_regular_file, regular_file
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         if forbidden:
             raise UserError(f"refused to load {path}: it holds objects other than tensors and plain data "
                             f"({forbidden}, possibly code); only load checkpoints you trust") from exc
-        raise UserError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({_first_line(exc)})") from exc
+        raise UserError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({first_line(exc)})") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path} is not a resnet-cli checkpoint (no 'model' entry)")
     return ckpt
@@ -118,7 +118,7 @@ def load_weights(model: torch.nn.Module, state: dict, context: str) -> None:
     try:
         model.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"{context} ({mismatch(model, state) or _first_line(exc)})") from exc
+        raise UserError(f"{context} ({mismatch(model, state) or first_line(exc)})") from exc
 
 
 def mismatch(model: torch.nn.Module, state: Any, optional: Callable[[str], bool] = lambda key: False) -> str:
@@ -142,12 +142,6 @@ def mismatch(model: torch.nn.Module, state: Any, optional: Callable[[str], bool]
     if unexpected:
         parts.append(f"{len(unexpected)} unknown weight(s), e.g. {unexpected[0]}")
     return "; ".join(parts)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    # torch's messages run on with advice that does not fit one line: keep the first sentence.
-    return text[0].split(". ")[0][:200] if text else type(exc).__name__
 
 
 def rng_state() -> dict:
