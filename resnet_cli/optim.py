@@ -91,6 +91,22 @@ def build_scheduler(factory: Callable, optimizer: torch.optim.Optimizer, *, inte
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [start, main], milestones=[warmup])
 
 
+def lr_by_role(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The learning rates to log: `lr` is the head's; under trainer.backbone_lr_scale also lr/backbone and lr/head.
+
+    A group's role is read from its `lr_scale` (1 for the head), which checkpoints keep.
+    """
+    head = backbone = None
+    for g in optimizer.param_groups:
+        if g.get("lr_scale", 1.0) == 1.0:
+            head = g["lr"] if head is None else head
+        elif backbone is None:
+            backbone = g["lr"]
+    if head is None or backbone is None:
+        return {"lr": head if head is not None else backbone}
+    return {"lr": head, "lr/backbone": backbone, "lr/head": head}
+
+
 def one_cycle_pct_start(total: int, pct: float, three_phase: bool = False) -> float | None:
     """A pct_start for OneCycleLR that gives each phase at least one step of `total`, or None when `pct` does.
 

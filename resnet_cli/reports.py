@@ -195,12 +195,13 @@ class GradNormProbe:
     pays for the norm so the loop keeps its one-sync-per-logged-step rhythm.
     """
 
-    def __init__(self, loop, every: int):
-        self.loop, self.every, self.value = loop, max(1, every), None
-        self.handle = loop.optimizer.register_step_pre_hook(self._hook)
+    def __init__(self, optimizer: torch.optim.Optimizer, progress, every: int):
+        # `progress.global_step` counts the steps done: the step about to run is the next one.
+        self.progress, self.every, self.value = progress, max(1, every), None
+        self.handle = optimizer.register_step_pre_hook(self._hook)
 
     def _hook(self, optimizer, args, kwargs) -> None:
-        if (self.loop.global_step + 1) % self.every:
+        if (self.progress.global_step + 1) % self.every:
             return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         self.value = torch.nn.utils.get_total_norm(grads) if grads else None
