@@ -114,7 +114,8 @@ def build_scheduler(cfg: Any, optimizer: "torch.optim.Optimizer", steps_per_epoc
     node = OmegaConf.to_container(cfg.scheduler, resolve=True)
     interval = node.pop("interval", "epoch")
     return optim.build_scheduler(instantiate(node), optimizer, interval=interval, steps_per_epoch=steps_per_epoch,
-                                 epochs=int(tcfg.epochs), warmup_epochs=float(tcfg.warmup_epochs))
+                                 epochs=int(tcfg.epochs), warmup_epochs=float(tcfg.warmup_epochs),
+                                 goal=_goal(tcfg.monitor))
 
 
 def build_parts(cfg: Any, rt: "Runtime", raw_model: nn.Module, model: nn.Module, *, steps_per_epoch: int,
@@ -151,3 +152,7 @@ def build_settings(cfg: Any, rt: "Runtime", *, interval: str | None = None) -> "
                     accum_steps=max(1, int(tcfg.grad_accum_steps)), grad_clip_value=float(tcfg.grad_clip_value),
                     grad_clip_norm=float(tcfg.grad_clip_norm))
 
+
+def _goal(monitor: Any) -> str:
+    # val_acc should rise, val_loss fall (trainer.monitor is an enum in the typed config).
+    return "max" if str(getattr(monitor, "value", monitor)) == "val_acc" else "min"

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from resnet_cli import build, checkpoint, engine, reports, tracking
 from resnet_cli.errors import UserError
 from resnet_cli.fileio import atomic_write, write_json
-from resnet_cli.optim import lr_by_role
+from resnet_cli.optim import lr_by_role, steps_on_metric
 from resnet_cli.runfolder import clear_run, resume_target
 from resnet_cli.runtime import Runtime, teardown
 from resnet_cli.signals import Preempted, StopFlag
@@ -360,9 +360,13 @@ class Trainer:
                 epoch_done=step.batch - start, steps_left_after=(plan.epochs - epoch - 1) * plan.batches_per_epoch))
 
     def _step_schedule(self, value: float) -> None:
-        # Step-interval schedules step with the optimizer (engine); the others once per epoch.
-        if self.settings.interval == "epoch":
-            self.parts.scheduler.step()
+        # Step-interval schedules step with the optimizer (engine); the others once per epoch, a
+        # metric-driven one (ReduceLROnPlateau) on the monitored validation metric.
+        scheduler = self.parts.scheduler
+        if steps_on_metric(scheduler):
+            scheduler.step(value)
+        elif self.settings.interval == "epoch":
+            scheduler.step()
 
     def _row(self, epoch: int, train: dict, val: dict) -> dict:
         """The epoch's row: console table, metrics.json history, curves.png."""

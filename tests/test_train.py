@@ -140,6 +140,24 @@ def test_onecycle_spans_exactly_the_run(train_inproc):
     assert lrs[-1] == pytest.approx(0.1 / 25 / 1e4, rel=1e-3)
 
 
+def test_plateau_scheduler_lowers_the_lr_once_the_monitored_metric_stalls(train_inproc):
+    """ReduceLROnPlateau steps once per epoch on the monitored metric; its mode follows trainer.monitor."""
+    from resnet_cli.errors import UserError
+
+    # An absolute threshold no accuracy can clear: epoch 1 sets the best, every later epoch is a plateau.
+    plateau = ("model=simple_cnn", "optimizer=adam", "optimizer.lr=0.001", "scheduler=plateau",
+               "scheduler.patience=0", "scheduler.factor=0.5", "scheduler.threshold_mode=abs",
+               "scheduler.threshold=10")
+    _, run = train_inproc(*plateau, "trainer.epochs=3")
+    lrs = [r["lr"] for r in read_metrics(run)["history"]]
+    assert lrs == pytest.approx([0.001, 0.001, 0.0005])  # the lr each epoch's steps used
+    ck = torch.load(run / "last.pt", weights_only=True)
+    assert ck["scheduler"]["mode"] == "max"  # trainer.monitor=val_acc: higher is better
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.00025)  # dropped again after epoch 3
+    with pytest.raises(UserError, match=r"scheduler.mode=min contradicts trainer.monitor=val_acc"):
+        train_inproc(*plateau, "+scheduler.mode=min")
+
+
 def test_backbone_lr_scale_logs_the_head_lr_as_lr_and_each_group(train_inproc):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
