@@ -14,6 +14,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import make_grid
 
+from resnet_cli.fileio import atomic_write
+
 _TILE = 64  # pixels per thumbnail side in the misclassified grid (small images are scaled up)
 _CELL = 26  # pixels per confusion-matrix cell
 
@@ -320,9 +322,7 @@ def write_curves(tracker, history: Sequence[dict], lr_steps: Sequence[float], st
     if not tracker.enabled or not history:
         return
     img = training_curves(history, lr_steps)
-    path = tracker.run_dir / name
-    tmp = path.with_name(f".{name}.tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)  # readers never see half a PNG
+    # Readers never see half a PNG; not fsynced: the next epoch writes it again.
+    atomic_write(tracker.run_dir / name, lambda fh: img.save(fh, format="PNG"), durable=False)
     if step is not None:
         tracker.image("train/curves", _to_tensor(img), step)
