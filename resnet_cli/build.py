@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 def build_runtime(trainer_cfg: Any) -> "Runtime":
-    """Resolve where and how the run executes (trainer.device, precision, channels_last, seed), joining torchrun's group."""
+    """Resolve where and how the run executes (device, precision, memory format, seed); joins torchrun's group."""
     from resnet_cli import runtime
 
     return runtime.setup(trainer_cfg)

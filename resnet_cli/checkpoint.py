@@ -1,4 +1,4 @@
-"""Checkpoints: what one holds, atomic save (last, best, top-k), safe (weights_only) load, RNG capture, resume discovery."""
+"""Checkpoints: what one holds, atomic save (last, best, top-k), weights_only load, RNG capture, resume discovery."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def contents(parts: "Parts", progress: "Progress", identity: dict, *, finished: 
 
 def restore(ck: dict, parts: "Parts", progress: "Progress", source: str | os.PathLike,
             device: torch.device | str = "cpu") -> None:
-    """Load a checkpoint made by contents() into the parts, the progress and the RNGs; one line where it does not fit."""
+    """Load a checkpoint made by contents() into the parts, the progress and the RNGs; one line if it does not fit."""
     made_by = ck.get("config", {}).get("model", {}).get("name", "another model")
     context = f"trainer.resume={source}: it was made by {made_by} with other settings and does not fit this model"
     load_weights(parts.raw_model, ck["model"], context)

@@ -24,7 +24,7 @@ from resnet_cli.errors import UserError
 from resnet_cli.fileio import atomic_write, write_json
 from resnet_cli.optim import lr_by_role, steps_on_metric
 from resnet_cli.runfolder import clear_run, resume_target
-from resnet_cli.runtime import Runtime, teardown
+from resnet_cli.runtime import teardown
 from resnet_cli.signals import Preempted, StopFlag
 from resnet_cli.tracking import Tracker, table_header, table_row
 
