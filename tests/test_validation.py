@@ -402,7 +402,9 @@ RUNNABLE = {
 
 @settings(derandomize=True, max_examples=5, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(st.fixed_dictionaries(RUNNABLE))
+# A warm-up cannot precede ReduceLROnPlateau (refused by a relation): not on the accepted side.
+@given(st.fixed_dictionaries(RUNNABLE).filter(lambda v: not (v["scheduler"] == "plateau"
+                                                              and v["trainer.warmup_epochs"] > 0)))
 def test_drawn_accepted_configs_train_to_the_end(tmp_path_factory, values):
     from resnet_cli.validate import validate
 
