@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_engine.py --only step     # step | precision | memory
     .venv/bin/python bench/bench_engine.py --no-resnet50   # skip the slow 224 px row
 
-step:      the runner's training step (engine.train_one_epoch with the Loop the runner builds)
+step:      the runner's training step (engine.train_steps with the parts resnet_cli.build makes)
            against a bare hand-written PyTorch loop: same model init, batch, precision, the same
            in-memory batches; repeats interleaved, medians of images/s.
 precision: trainer.precision/channels_last = auto against fp32 + contiguous (and explicit bf16 +
@@ -36,32 +36,35 @@ def _batches(n: int, batch: int, size: int, classes: int, device):
              torch.randint(0, classes, (batch,), generator=g).to(device)) for _ in range(n)]
 
 
+@functools.lru_cache(maxsize=1)
+def _config(epochs: int):
+    """The composed resnet-train config for SGD + one-cycle stepped per batch (as a user runs it)."""
+    from hydra import compose, initialize_config_dir
+
+    import resnet_cli.config  # noqa: F401  (registers the schemas, as the entry point does)
+    from resnet_cli import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=["optimizer=sgd", "scheduler=onecycle", f"trainer.epochs={epochs}"])
+
+
 def _runner_loop(model, rt, steps: int):
-    """The Loop exactly as resnet_cli.train.fit assembles it (SGD + OneCycle per step)."""
-    import torch
+    """Parts and settings exactly as resnet-train builds them (resnet_cli.build): SGD + OneCycle per step."""
+    from resnet_cli import build
 
-    from resnet_cli import engine, optim
-
-    groups = optim.param_groups(model, weight_decay_norm_bias=True, backbone_lr_scale=1.0)
-    opt = optim.build_optimizer(functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True,
-                                                  weight_decay=5e-4), groups)
-    sched = optim.build_scheduler(functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1), opt,
-                                  interval="step", steps_per_epoch=steps, epochs=1000)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
-    return engine.Loop(model, opt, sched, "step", scaler, rt, torch.nn.CrossEntropyLoss(), log_every=20)
+    cfg = _config(1000)
+    return (build.build_parts(cfg, rt, model, model, steps_per_epoch=steps), build.build_settings(cfg, rt))
 
 
 def _time_runner(loop, batches) -> float:
     from resnet_cli import engine
 
-    def on_step(done, running, loss):  # what the runner's hook costs: a sync only at logged steps
-        if loop.global_step % loop.log_every == 0:
-            float(loss)
-        return False
-
+    parts, settings = loop
     t = time.perf_counter()
-    engine.train_one_epoch(loop, batches, 0, on_step=on_step)
-    _sync(loop.rt.device)
+    for i, step in enumerate(engine.train_steps(parts, settings, batches, epoch=0), start=1):
+        if i % 20 == 0:  # what the Trainer adds: a sync only at logged steps (trainer.log_every_n_steps)
+            float(step.loss)
+    _sync(settings.rt.device)
     return len(batches) * batches[0][0].shape[0] / (time.perf_counter() - t)
 
 
@@ -169,7 +172,7 @@ def bench_precision(args) -> None:
             for key, (loop, batches) in loops.items():
                 speeds[key].append(_time_runner(loop, batches))
         med = {k: statistics.median(v) for k, v in speeds.items()}
-        chose = loops["auto"][0].rt
+        chose = loops["auto"][0][1].rt
         print(f"precision  {name} {size}px batch {batch}: auto chose {chose.precision}/"
               f"{'channels_last' if chose.channels_last else 'contiguous'}; "
               + ", ".join(f"{k} {v:.1f} img/s" for k, v in med.items())

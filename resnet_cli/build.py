@@ -1,10 +1,51 @@
-"""Builds a run's parts from config nodes, the one place train, lr-find, eval, predict and export get them from."""
+"""Builds a run's parts from config nodes: the one place train, lr-find, the tools, tests and benchmarks get them.
+
+    rt = build_runtime(cfg.trainer)                      # device, precision, memory format, seeds, processes
+    data = build_data(cfg, rt)                            # the dataset's DataBundle (and the thread budget)
+    raw, model = build_training_model(cfg, rt, classes, size)   # or build_model(...) for inference
+    parts = build_parts(cfg, rt, raw, model, steps_per_epoch=n)  # optimizer, scheduler, scaler, loss, EMA
+    settings = build_settings(cfg, rt)                    # how each optimizer step is taken
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from torch import nn
+
+if TYPE_CHECKING:
+    import torch
+
+    from resnet_cli.data import DataBundle
+    from resnet_cli.engine import Parts, Settings
+    from resnet_cli.runtime import Runtime
+
+
+def build_runtime(trainer_cfg: Any) -> "Runtime":
+    """Resolve where and how the run executes (device, precision, memory format, seed); joins torchrun's group."""
+    from resnet_cli import runtime
+
+    return runtime.setup(trainer_cfg)
+
+
+def build_data(cfg: Any, rt: "Runtime") -> "DataBundle":
+    """The configured dataset's train and val sources for this process; sets the compute threads beside its workers."""
+    from hydra.utils import instantiate
+
+    from resnet_cli.runtime import resolve_threads
+
+    bundle = instantiate(cfg.dataset)(device=rt.device, seed=int(cfg.trainer.seed), rank=rt.rank,
+                                      world_size=rt.world_size)
+    _, rt.why["threads"] = resolve_threads(cfg.trainer.num_threads, bundle.workers)
+    return bundle
+
+
+def close_data(bundle: "DataBundle | None") -> None:
+    """Shut down a bundle's DataLoader workers (they ignore stop signals, so they never die mid-batch)."""
+    for source in (getattr(bundle, "train", None), getattr(bundle, "val", None)):
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
 
 
 def build_model(model_cfg: Mapping[str, Any], num_classes: int, image_size: int | None = None,
@@ -24,3 +65,94 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int, image_size: int 
     if not fetch_weights and cfg.get("pretrained"):
         cfg["pretrained"] = False
     return instantiate(cfg)(num_classes=num_classes)
+
+
+def build_training_model(cfg: Any, rt: "Runtime", num_classes: int, image_size: int) -> tuple[nn.Module, nn.Module]:
+    """The model to train on the run's device and memory format: (the bare module, what runs the forward pass).
+
+    The second is the first wrapped as configured: SyncBatchNorm and DDP under torchrun, torch.compile.
+    """
+    import torch
+
+    from resnet_cli.errors import UserError
+
+    tcfg = cfg.trainer
+    raw = build_model(cfg.model, num_classes, image_size).to(rt.device, memory_format=rt.memory_format)
+    if rt.distributed and tcfg.sync_batchnorm:
+        if rt.device.type != "cuda":
+            raise UserError("trainer.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm has no "
+                            "CPU/Gloo kernel); set it to false on CPU")
+        raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    model = raw
+    if rt.distributed:
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if tcfg.compile:
+        model = torch.compile(model)
+    return raw, model
+
+
+def build_optimizer(cfg: Any, model: nn.Module) -> "torch.optim.Optimizer":
+    """The configured optimizer over the model's parameter groups (no-decay norms/biases, backbone lr scale)."""
+    from hydra.utils import instantiate
+
+    from resnet_cli import optim
+
+    groups = optim.param_groups(model, weight_decay_norm_bias=cfg.trainer.weight_decay_norm_bias,
+                                backbone_lr_scale=cfg.trainer.backbone_lr_scale)
+    return optim.build_optimizer(instantiate(cfg.optimizer), groups)
+
+
+def build_scheduler(cfg: Any, optimizer: "torch.optim.Optimizer", steps_per_epoch: int) -> Any:
+    """The configured schedule (with trainer.warmup_epochs), its length in the units of scheduler.interval."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from resnet_cli import optim
+
+    tcfg = cfg.trainer
+    node = OmegaConf.to_container(cfg.scheduler, resolve=True)
+    interval = node.pop("interval", "epoch")
+    return optim.build_scheduler(instantiate(node), optimizer, interval=interval, steps_per_epoch=steps_per_epoch,
+                                 epochs=int(tcfg.epochs), warmup_epochs=float(tcfg.warmup_epochs),
+                                 goal=_goal(tcfg.monitor))
+
+
+def build_parts(cfg: Any, rt: "Runtime", raw_model: nn.Module, model: nn.Module, *, steps_per_epoch: int,
+                schedule: Callable[["torch.optim.Optimizer"], Any] | None = None, ema: bool = True) -> "Parts":
+    """Optimizer, scheduler, loss scaler, loss and EMA for a model (from build_training_model).
+
+    `schedule(optimizer)` replaces the configured scheduler (the LR finder's sweep); `ema=False` skips
+    the averaged copy where nothing evaluates it.
+    """
+    import torch
+
+    from resnet_cli.engine import Parts
+
+    tcfg = cfg.trainer
+    optimizer = build_optimizer(cfg, raw_model)
+    scheduler = schedule(optimizer) if schedule is not None else build_scheduler(cfg, optimizer, steps_per_epoch)
+    averaged = None
+    if ema and tcfg.ema_decay:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        averaged = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(float(tcfg.ema_decay)),
+                                 use_buffers=True)
+    return Parts(model=model, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler,
+                 scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16"),
+                 criterion=torch.nn.CrossEntropyLoss(label_smoothing=float(tcfg.label_smoothing)), ema=averaged)
+
+
+def build_settings(cfg: Any, rt: "Runtime", *, interval: str | None = None) -> "Settings":
+    """How each optimizer step is taken: accumulation, clipping, when a time-based schedule steps."""
+    from resnet_cli.engine import Settings
+
+    tcfg = cfg.trainer
+    return Settings(rt=rt, interval=interval or str(cfg.scheduler.get("interval", "epoch")),
+                    accum_steps=max(1, int(tcfg.grad_accum_steps)), grad_clip_value=float(tcfg.grad_clip_value),
+                    grad_clip_norm=float(tcfg.grad_clip_norm))
+
+
+def _goal(monitor: Any) -> str:
+    # val_acc should rise, val_loss fall (trainer.monitor is an enum in the typed config).
+    return "max" if str(getattr(monitor, "value", monitor)) == "val_acc" else "min"

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save, safe (weights_only) load, RNG capture, resume discovery."""
+"""Checkpoints: what one holds, atomic save (last, best, top-k), weights_only load, RNG capture, resume discovery."""
 
 from __future__ import annotations
 
@@ -10,18 +10,104 @@ import random
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
-from resnet_cli.errors import UserError
-from resnet_cli.fileio import atomic_write, is_regular_file, regular_file
+from resnet_cli.errors import UserError, first_line, one_line
+from resnet_cli.fileio import atomic_link, atomic_write, is_regular_file, regular_file
+
+if TYPE_CHECKING:
+    from resnet_cli.engine import Parts, Progress
 
 log = logging.getLogger(__name__)
 
 FORMAT = "resnet-cli/1"
 LAST, BEST = "last.pt", "best.pt"
+
+
+def contents(parts: "Parts", progress: "Progress", identity: dict, *, finished: bool, metrics: dict) -> dict:
+    """The checkpoint dict (schema in docs/ARCHITECTURE.md): every part's state, the progress, the RNGs.
+
+    `identity` holds what names the run and what tools need from it: config, class_names, eval_spec.
+    """
+    return {
+        "format": FORMAT,
+        "model": parts.raw_model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict() if parts.scaler.is_enabled() else None,
+        "ema": parts.ema.state_dict() if parts.ema is not None else None,
+        **progress.state_dict(),  # epoch, step_in_epoch, global_step, bad_steps, best, running, history
+        "rng": rng_state(),
+        "finished": finished,
+        **identity,
+        "metrics": metrics,
+    }
+
+
+def restore(ck: dict, parts: "Parts", progress: "Progress", source: str | os.PathLike,
+            device: torch.device | str = "cpu") -> None:
+    """Load a checkpoint made by contents() into the parts, the progress and the RNGs; one line if it does not fit."""
+    made_by = ck.get("config", {}).get("model", {}).get("name", "another model")
+    context = f"trainer.resume={source}: it was made by {made_by} with other settings and does not fit this model"
+    load_weights(parts.raw_model, ck["model"], context)
+    try:
+        parts.optimizer.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(f"{context}'s optimizer ({first_line(exc, 160)})") from exc
+    parts.scheduler.load_state_dict(ck["scheduler"])
+    if ck.get("scaler"):
+        parts.scaler.load_state_dict(ck["scaler"])
+    if parts.ema is not None and ck.get("ema"):
+        parts.ema.load_state_dict(ck["ema"])
+    progress.load_state_dict(ck, torch.device(device))
+    set_rng_state(ck["rng"])
+
+
+class CheckpointWriter:
+    """Writes a run's last.pt, best.pt (a second name for the same file) and top-k files, each atomically."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, top_k: int = 0, higher_is_better: bool = True,
+                 last_good: Path | None = None):
+        self.run_dir, self.top_k, self.higher_is_better = Path(run_dir), top_k, higher_is_better
+        self.last_good = last_good  # the newest complete checkpoint: what a stopped run names
+
+    def save(self, ck: dict, *, best: bool = False, epoch: int | None = None, value: float | None = None) -> None:
+        """Replace last.pt (and best.pt, and enter top-k with `value` at `epoch`); one-line UserError on failure."""
+        target = self.run_dir / LAST
+        try:
+            atomic_save(ck, target)
+            self.last_good = target
+            if best:
+                target = self.run_dir / BEST
+                try:  # best.pt is this very checkpoint: a second name for last.pt, not a second 100 MB write
+                    atomic_link(self.run_dir / LAST, target)
+                except OSError:
+                    atomic_save(ck, target)
+            if self.top_k and epoch is not None and value is not None:
+                target = self.run_dir / "topk"
+                self._top_k(ck, epoch, value)
+        except OSError as exc:
+            # The save is atomic: the file being replaced is still the previous, complete one.
+            where = exc if exc.filename else OSError(exc.errno, exc.strerror, str(target))
+            kept = f"the previous {self.last_good} is intact" if self.last_good else "no checkpoint was saved"
+            raise UserError(f"cannot save a checkpoint: {one_line(where)} ({kept}; then rerun with "
+                            f"trainer.resume=auto)") from exc
+
+    def _top_k(self, ck: dict, epoch: int, value: float) -> None:
+        folder = self.run_dir / "topk"
+        folder.mkdir(exist_ok=True)
+        score = value if self.higher_is_better else -value
+
+        def kept() -> list[tuple[float, Path]]:
+            return sorted(((float(p.stem.split("_")[-1]), p) for p in folder.glob("epoch*_*.pt")), reverse=True)
+
+        if len(kept()) < self.top_k or score > kept()[-1][0]:
+            atomic_save(ck, folder / f"epoch{epoch:03d}_{score:.6f}.pt")
+            for _, path in kept()[self.top_k:]:
+                path.unlink()
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -47,7 +133,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         if forbidden:
             raise UserError(f"refused to load {path}: it holds objects other than tensors and plain data "
                             f"({forbidden}, possibly code); only load checkpoints you trust") from exc
-        raise UserError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({_first_line(exc)})") from exc
+        raise UserError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({first_line(exc)})") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path} is not a resnet-cli checkpoint (no 'model' entry)")
     return ckpt
@@ -118,7 +204,7 @@ def load_weights(model: torch.nn.Module, state: dict, context: str) -> None:
     try:
         model.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"{context} ({mismatch(model, state) or _first_line(exc)})") from exc
+        raise UserError(f"{context} ({mismatch(model, state) or first_line(exc)})") from exc
 
 
 def mismatch(model: torch.nn.Module, state: Any, optional: Callable[[str], bool] = lambda key: False) -> str:
@@ -142,12 +228,6 @@ def mismatch(model: torch.nn.Module, state: Any, optional: Callable[[str], bool]
     if unexpected:
         parts.append(f"{len(unexpected)} unknown weight(s), e.g. {unexpected[0]}")
     return "; ".join(parts)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    # torch's messages run on with advice that does not fit one line: keep the first sentence.
-    return text[0].split(". ")[0][:200] if text else type(exc).__name__
 
 
 def rng_state() -> dict:
@@ -180,11 +260,6 @@ def _tuplify(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_tuplify(v) for v in value)
     return value
-
-
-def is_finite_state(state_dict: dict) -> bool:
-    """Whether every floating tensor of a state_dict is finite (guards last.pt and best.pt)."""
-    return all(torch.isfinite(t).all() for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point())
 
 
 def comparable_config(config: dict) -> dict:

@@ -1,80 +1,52 @@
-"""The training and evaluation loops: one step, one epoch, one pass over a split."""
+"""The mechanics of training and evaluation: one optimizer step at a time, one pass over a split.
+
+No logging, files or signals here: `train_steps` yields what each step did and the Trainer
+(resnet_cli/trainer.py) decides what follows.
+"""
 
 from __future__ import annotations
 
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from resnet_cli.errors import Diverged
+from resnet_cli.optim import lr_by_role
 from resnet_cli.runtime import Runtime
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite (and no more bad steps may be skipped)."""
+class NonFiniteLoss(Diverged):
+    """The loss became NaN or infinite and no more bad steps may be skipped."""
 
-    def __init__(self, epoch: int, step: int):
-        # epoch: 1-based (as in the console table); step: 1-based batch within that epoch.
-        super().__init__(f"non-finite loss at epoch {epoch}, step {step}")
-        self.epoch, self.step = epoch, step
+
+@dataclass(frozen=True)
+class Settings:
+    """How every optimizer step of a run is taken: fixed for the whole run."""
+
+    rt: Runtime
+    interval: str = "epoch"  # when a time-based scheduler steps: "step" (here, after each update) or "epoch"
+    accum_steps: int = 1  # micro-batches per optimizer step
+    grad_clip_value: float = 0.0  # 0 = off
+    grad_clip_norm: float = 0.0  # 0 = off
 
 
 @dataclass
-class Loop:
-    """Everything one optimizer step needs, plus the counters that survive a resume."""
+class Parts:
+    """The objects a run trains, and whose state a checkpoint holds."""
 
     model: nn.Module  # what runs the forward pass (may be DDP- or compile-wrapped)
+    raw_model: nn.Module  # the bare module: its state_dict is what checkpoints and exports hold
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    interval: str  # when the scheduler steps: "step" or "epoch"
     scaler: torch.amp.GradScaler
-    rt: Runtime
     criterion: nn.Module
     ema: torch.optim.swa_utils.AveragedModel | None = None
-    grad_clip_value: float = 0.0
-    grad_clip_norm: float = 0.0
-    accum_steps: int = 1
-    max_bad_steps: int = 0
-    log_every: int = 20
-    global_step: int = 0
-    bad_steps: int = 0
-    last_lr: float = 0.0  # the lr the latest optimizer step used (what logs should show)
-    # "Loss is finite" flags of recent steps, oldest first: (flag, CUDA event or None, epoch, step).
-    pending: deque = field(default_factory=deque)
-
-    def note_finite(self, finite: torch.Tensor, epoch: int, step: int) -> None:
-        """Queue a step's finiteness flag; on CUDA it travels to pinned host memory without a sync."""
-        event = None
-        if finite.device.type == "cuda":
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            host.copy_(finite, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            finite = host
-        self.pending.append((finite, event, epoch, step))
-
-    def check_finite(self, wait: bool = False) -> None:
-        """Raise NonFiniteLoss for the first queued step whose loss was not finite.
-
-        CPU flags are read at once (no asynchrony to lose). CUDA flags are read when
-        their copy has landed; without `wait` the host waits only for the previous
-        step's flag while the current step is already queued, so the device never
-        idles and a bad step stops the run one step later at most.
-        """
-        while self.pending:
-            flag, event, epoch, step = self.pending[0]
-            if event is not None and not wait and len(self.pending) <= 1 and not event.query():
-                return
-            if event is not None:
-                event.synchronize()
-            self.pending.popleft()
-            if not bool(flag):
-                self.pending.clear()
-                raise NonFiniteLoss(epoch, step)
 
 
 @dataclass
@@ -91,6 +63,13 @@ class Running:
         """Empty sums on `device`."""
         return cls(torch.zeros((), device=device, dtype=torch.float64),
                    torch.zeros((), device=device, dtype=torch.int64))
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Count one micro-batch (its mean loss, its hits) without a sync."""
+        n = logits.shape[0]
+        self.loss += loss.detach().double() * n
+        self.correct += (logits.detach().argmax(1) == _hard(targets)).sum()
+        self.count += n
 
     def state_dict(self) -> dict:
         """Plain form for the checkpoint."""
@@ -114,6 +93,117 @@ class Running:
         return {"loss": loss / count, "acc": correct / count}
 
 
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint carries besides the parts' own state and the RNGs."""
+
+    epoch: int = 0  # epochs fully completed (the one under way, mid-epoch)
+    step_in_epoch: int = 0  # batches done in the current epoch (0 at an epoch boundary)
+    global_step: int = 0  # optimizer steps since the start of the run
+    bad_steps: int = 0  # non-finite steps skipped so far (trainer.max_bad_steps)
+    best_value: float | None = None  # the monitored metric's best value, and its epoch (1-based)
+    best_epoch: int = -1
+    history: list[dict] = field(default_factory=list)  # one row per finished epoch
+    running: Running | None = None  # the current epoch's sums, so a mid-epoch resume reports the same means
+
+    def state_dict(self) -> dict:
+        """The progress entries of a checkpoint (see docs/ARCHITECTURE.md)."""
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "bad_steps": self.bad_steps, "best": {"value": self.best_value, "epoch": self.best_epoch},
+                "running": self.running.state_dict() if self.running is not None else None,
+                "history": self.history}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        """Take the progress entries of a checkpoint (its running sums onto `device`)."""
+        best = state.get("best", {})
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step, self.bad_steps = int(state["global_step"]), int(state.get("bad_steps", 0))
+        self.best_value, self.best_epoch = best.get("value"), best.get("epoch", -1)
+        self.history = list(state.get("history", []))
+        self.running = Running.from_state(state["running"], device) if state.get("running") else None
+
+
+class LossGuard:
+    """The non-finite-loss policy, in one place.
+
+    With trainer.max_bad_steps=N a bad micro-batch is skipped (its gradients dropped) until N
+    were; the next one stops the run. Skipping needs the verdict before the update: one sync per
+    step, by request. Without a budget no step waits: on the CPU a step's flag is read at once
+    (a bad step never updates the weights); on CUDA it travels to pinned host memory and is read
+    once it has landed, so a bad step stops the run one step later at most. The caller reads
+    pending verdicts at steps that sync anyway (`check`), and every stop names the last good
+    checkpoint; `check_weights` keeps non-finite weights out of every checkpoint.
+    """
+
+    def __init__(self, max_bad_steps: int, progress: Progress,
+                 last_good: Callable[[], Path | None] = lambda: None):
+        self.max_bad_steps, self.progress, self.last_good = max_bad_steps, progress, last_good
+        # "Loss is finite" flags of recent steps, oldest first: (flag, CUDA event or None, epoch, step).
+        self.pending: deque = deque()
+
+    def skip(self, finite: torch.Tensor, epoch: int, step: int) -> bool:
+        """Whether to drop the gradients of a micro-batch (1-based epoch and step) whose loss was not finite."""
+        if not self.max_bad_steps:
+            self._queue(finite, epoch, step)
+            self.check()
+            return False
+        if bool(finite):
+            return False
+        self.progress.bad_steps += 1
+        if self.progress.bad_steps > self.max_bad_steps:
+            raise self._stop(epoch, step)
+        return True
+
+    def check(self, wait: bool = False) -> None:
+        """Raise NonFiniteLoss for the first queued step whose loss was not finite.
+
+        CPU flags are read at once. CUDA flags are read when their copy has landed; without
+        `wait` the host waits only for the previous step's flag while the current step is
+        already queued, so the device never idles.
+        """
+        while self.pending:
+            flag, event, epoch, step = self.pending[0]
+            if event is not None and not wait and len(self.pending) <= 1 and not event.query():
+                return
+            if event is not None:
+                event.synchronize()
+            self.pending.popleft()
+            if not bool(flag):
+                self.pending.clear()
+                raise self._stop(epoch, step)
+
+    def check_weights(self, state_dict: dict) -> None:
+        """Refuse weights that are not finite (a finite loss can still overflow in the update)."""
+        if not all(torch.isfinite(t).all() for t in state_dict.values()
+                   if torch.is_tensor(t) and t.is_floating_point()):
+            raise Diverged(f"weights became non-finite; kept the last good checkpoint {self.last_good() or 'none'}")
+
+    def _queue(self, finite: torch.Tensor, epoch: int, step: int) -> None:
+        event = None
+        if finite.device.type == "cuda":
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(finite, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            finite = host
+        self.pending.append((finite, event, epoch, step))
+
+    def _stop(self, epoch: int, step: int) -> NonFiniteLoss:
+        # A plain message argument keeps the exception picklable (joblib sends it between processes).
+        return NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {step}; last good checkpoint: "
+                             f"{self.last_good() or 'none'} (lower the learning rate, set trainer.grad_clip_norm, "
+                             f"or trainer.max_bad_steps=N to skip bad steps)")
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one optimizer step did."""
+
+    batch: int  # batches of the epoch done, this step's included
+    loss: torch.Tensor  # its last micro-batch's loss, still on the device (reading it syncs)
+    lrs: dict[str, float]  # the learning rates it used (optim.lr_by_role)
+
+
 def compute_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, criterion: nn.Module,
                  rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward pass under autocast; returns (logits, loss)."""
@@ -135,87 +225,69 @@ def _hard(targets: torch.Tensor) -> torch.Tensor:
     return targets.argmax(1) if targets.ndim == 2 else targets
 
 
-def train_one_epoch(loop: Loop, batches: Iterable, epoch: int, *, start: int = 0, running: Running | None = None,
-                    on_step: Callable[[int, Running, torch.Tensor], bool] | None = None,
-                    progress=None) -> Running:
-    """Train over `batches` (already positioned at batch `start`); returns the epoch's sums.
+def train_steps(parts: Parts, settings: Settings, batches: Iterable, *, epoch: int, start: int = 0,
+                running: Running | None = None, guard: LossGuard | None = None) -> Iterator[Step]:
+    """Train over `batches` (already positioned at batch `start` of 0-based `epoch`); yield after each update.
 
-    `on_step(batches_done, running, loss)` runs after every optimizer step and may
-    return True to stop early (preemption); it is where logging and mid-epoch
-    checkpoints happen, so this function stays free of host-device syncs.
+    Nothing here waits for the device (unless the guard skips bad steps): the caller decides
+    when a loss is read, what is logged and when to checkpoint or stop. `running` collects the
+    epoch's sums in place.
     """
-    model, opt, rt = loop.model, loop.optimizer, loop.rt
+    model, opt, rt, accum = parts.model, parts.optimizer, settings.rt, settings.accum_steps
+    running = running if running is not None else Running.zeros(rt.device)
+    guard = guard if guard is not None else LossGuard(0, Progress())
     model.train()
-    running = running or Running.zeros(rt.device)
-    loop.pending.clear()
+    guard.pending.clear()
     # Gradients left by a previous epoch's incomplete accumulation window are dropped:
     # an epoch always starts a fresh window, so a resumed run sees the same windows.
     opt.zero_grad(set_to_none=True)
     for i, batch in enumerate(batches, start=start):
         images, targets = to_device(batch, rt)
         # Windows count from the epoch's first batch, so a resume (always at a window's end) keeps them.
-        window_ends = (i + 1) % loop.accum_steps == 0
+        window_ends = (i + 1) % accum == 0
         # Under DDP, all-reduce gradients only on the window's last micro-batch.
         with nullcontext() if window_ends or not hasattr(model, "no_sync") else model.no_sync():
-            logits, loss = compute_loss(model, images, targets, loop.criterion, rt)
-            loop.scaler.scale(loss / loop.accum_steps if loop.accum_steps > 1 else loss).backward()
-        finite = torch.isfinite(loss.detach())
-        if dist.is_available() and dist.is_initialized():
-            # Ranks must agree on a bad step, to skip it or stop together (not hang in the next
-            # collective); NCCL queues this on the stream without a host sync.
-            finite = finite.to(torch.int32)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            finite = finite.bool()
-        if loop.max_bad_steps:
-            # Skipping a bad step needs its verdict before the update: one sync per step, by request.
-            if not bool(finite):
-                loop.bad_steps += 1
-                opt.zero_grad(set_to_none=True)
-                if loop.bad_steps > loop.max_bad_steps:
-                    raise NonFiniteLoss(epoch + 1, i + 1)
-                continue
-        else:
-            # No per-step sync: on CUDA the flag is read once it has reached the host (see check_finite);
-            # on the CPU it is read now, so a bad step never updates the weights.
-            loop.note_finite(finite, epoch + 1, i + 1)  # 1-based, as the console shows them
-            loop.check_finite()
-        running.loss += loss.detach().double() * images.shape[0]
-        running.correct += (logits.detach().argmax(1) == _hard(targets)).sum()
-        running.count += images.shape[0]
-        if not window_ends:
+            logits, loss = compute_loss(model, images, targets, parts.criterion, rt)
+            parts.scaler.scale(loss / accum if accum > 1 else loss).backward()
+        if guard.skip(_finite_everywhere(loss), epoch + 1, i + 1):  # 1-based, as the console shows them
+            opt.zero_grad(set_to_none=True)
             continue
-        _optimizer_step(loop)
-        if progress is not None:
-            progress.update(loop.accum_steps)
-        if on_step is not None and on_step(i + 1, running, loss.detach()):
-            break
-    loop.check_finite(wait=True)
-    return running
+        running.add(loss, logits, targets)
+        if window_ends:
+            lrs = _optimizer_step(parts, settings)
+            yield Step(i + 1, loss.detach(), lrs)
+    guard.check(wait=True)
 
 
-def _optimizer_step(loop: Loop) -> None:
-    opt, scaler = loop.optimizer, loop.scaler
-    if loop.grad_clip_value or loop.grad_clip_norm:
+def _finite_everywhere(loss: torch.Tensor) -> torch.Tensor:
+    finite = torch.isfinite(loss.detach())
+    if dist.is_available() and dist.is_initialized():
+        # Ranks must agree on a bad step, to skip it or stop together (not hang in the next
+        # collective); NCCL queues this on the stream without a host sync.
+        finite = finite.to(torch.int32)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        finite = finite.bool()
+    return finite
+
+
+def _optimizer_step(parts: Parts, settings: Settings) -> dict[str, float]:
+    opt, scaler = parts.optimizer, parts.scaler
+    if settings.grad_clip_value or settings.grad_clip_norm:
         scaler.unscale_(opt)
         params = [p for g in opt.param_groups for p in g["params"]]
-        if loop.grad_clip_value:
-            torch.nn.utils.clip_grad_value_(params, loop.grad_clip_value)
-        if loop.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(params, loop.grad_clip_norm)
-    loop.last_lr = opt.param_groups[0]["lr"]
+        if settings.grad_clip_value:
+            torch.nn.utils.clip_grad_value_(params, settings.grad_clip_value)
+        if settings.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip_norm)
+    lrs = lr_by_role(opt)  # before a per-step schedule moves on: the rates this update uses
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    if loop.ema is not None:
-        loop.ema.update_parameters(_unwrap(loop.model))
-    if loop.interval == "step":
-        loop.scheduler.step()
-    loop.global_step += 1
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return getattr(model, "module", model)  # DistributedDataParallel
+    if parts.ema is not None:
+        parts.ema.update_parameters(parts.raw_model)
+    if settings.interval == "step":
+        parts.scheduler.step()
+    return lrs
 
 
 @torch.inference_mode()

@@ -17,6 +17,10 @@ class UserError(Exception):
     """An error the user can fix; reported as one line."""
 
 
+class Diverged(UserError):
+    """Training produced a non-finite loss or non-finite weights (resnet-train exits with status 3)."""
+
+
 class Refused(BaseException):
     """A UserError carried past Hydra's callback runner, which turns any Exception into a warning and goes on.
 
@@ -137,6 +141,13 @@ _NO_OPTION = re.compile(r"Could not find '([^']+)/([^']+)'")
 _NO_PLUGIN_CONFIG = re.compile(r"(?:In '([^']+)': )?Could not (?:find|load) '(hydra/[^']+)'")
 _MERGE = re.compile(r"^Error merging override (\S+)")
 _FULL_KEY = re.compile(r"full_key:\s*(\S+)")
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first sentence of an exception's first line (at most `limit` characters), else its type's name."""
+    text = str(exc).strip().splitlines()
+    # torch's messages run on with advice that does not fit one line: keep the first sentence.
+    return text[0].split(". ")[0][:limit] if text else type(exc).__name__
 
 
 def one_line(exc: BaseException) -> str:

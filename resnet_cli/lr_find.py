@@ -12,6 +12,7 @@ away: nothing is checkpointed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import os
@@ -67,10 +68,8 @@ def find_lr(cfg: DictConfig, run_dir: Path, *, steps: int = 200, start_lr: float
             smoothing: float = 0.05, diverge: float = 4.0) -> dict[str, Any]:
     """Run the range test on the configured model and data; returns the curve and the suggestions."""
     import torch
-    from hydra.utils import instantiate
 
-    from resnet_cli import engine, optim, reports, runtime
-    from resnet_cli.build import build_model
+    from resnet_cli import build, engine, reports, runtime
     from resnet_cli.tracking import Tracker
     from resnet_cli.validate import validate
 
@@ -79,56 +78,45 @@ def find_lr(cfg: DictConfig, run_dir: Path, *, steps: int = 200, start_lr: float
         raise UserError(f"need 0 < --start-lr < --end-lr and --steps >= 5 (got {start_lr}, {end_lr}, {steps})")
     if not 0 < smoothing <= 1 or diverge <= 1:
         raise UserError(f"need 0 < --smoothing <= 1 and --diverge > 1 (got {smoothing}, {diverge})")
-    tcfg = cfg.trainer
-    rt = runtime.setup(tcfg)
-    try:
-        bundle = instantiate(cfg.dataset)(device=rt.device, seed=int(tcfg.seed), rank=0, world_size=1)
-        model = build_model(cfg.model, len(bundle.class_names), bundle.eval_spec["crop"])
-        model = model.to(rt.device, memory_format=rt.memory_format)
-        groups = optim.param_groups(model, weight_decay_norm_bias=tcfg.weight_decay_norm_bias,
-                                    backbone_lr_scale=tcfg.backbone_lr_scale)
-        optimizer = optim.build_optimizer(instantiate(cfg.optimizer), groups)
+
+    def sweep(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         for g in optimizer.param_groups:  # keep each group's ratio (backbone_lr_scale) to the base LR
             g["lr"] = start_lr * g.get("lr_scale", 1.0)
-        gamma = (end_lr / start_lr) ** (1.0 / (steps - 1))
-        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
-        criterion = torch.nn.CrossEntropyLoss(label_smoothing=float(tcfg.label_smoothing))
-        scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=(end_lr / start_lr) ** (1.0 / (steps - 1)))
+
+    rt = build.build_runtime(cfg.trainer)
+    bundle = None
+    try:
+        bundle = build.build_data(cfg, rt)
+        raw, model = build.build_training_model(cfg, rt, len(bundle.class_names), bundle.eval_spec["crop"])
+        # The training run's own step (accumulation, clipping, precision), the lr raised after each update.
+        parts = build.build_parts(cfg, rt, raw, model, steps_per_epoch=1, schedule=sweep, ema=False)
+        settings = build.build_settings(cfg, rt, interval="step")
         tracker = Tracker(run_dir, True)
         lrs: list[float] = []
         smooth: list[float] = []
         avg, best = 0.0, math.inf
-        model.train()
-        epoch = 0
-        while len(lrs) < steps:
+        for epoch in itertools.count():
             bundle.train.set_epoch(epoch)
-            for batch in bundle.train.iter_from(0):
-                images, targets = engine.to_device(batch, rt)
-                _, loss = engine.compute_loss(model, images, targets, criterion, rt)
-                scaler.scale(loss).backward()
-                if tcfg.grad_clip_norm:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg.grad_clip_norm))
-                lr = optimizer.param_groups[0]["lr"]
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                raw = float(loss.detach())  # one sync per step: the curve needs every point
-                if not math.isfinite(raw):
-                    break
-                # Bias-corrected running average, so the first points are not pulled towards 0.
-                avg = (1 - smoothing) * avg + smoothing * raw
-                value = avg / (1 - (1 - smoothing) ** (len(lrs) + 1))
-                lrs.append(lr)
-                smooth.append(value)
-                best = min(best, value)
-                tracker.scalars({"lr_find/loss": value, "lr_find/raw_loss": raw, "lr_find/lr": lr}, len(lrs))
-                if value > diverge * best or len(lrs) >= steps:
-                    break
-                scheduler.step()
-            else:
-                epoch += 1
-                continue
+            try:
+                for step in engine.train_steps(parts, settings, bundle.train.iter_from(0), epoch=epoch):
+                    raw_loss = float(step.loss)  # one sync per step: the curve needs every point
+                    if not math.isfinite(raw_loss):
+                        break
+                    # Bias-corrected running average, so the first points are not pulled towards 0.
+                    avg = (1 - smoothing) * avg + smoothing * raw_loss
+                    value = avg / (1 - (1 - smoothing) ** (len(lrs) + 1))
+                    lrs.append(step.lrs["lr"])
+                    smooth.append(value)
+                    best = min(best, value)
+                    tracker.scalars({"lr_find/loss": value, "lr_find/raw_loss": raw_loss,
+                                     "lr_find/lr": step.lrs["lr"]}, len(lrs))
+                    if value > diverge * best or len(lrs) >= steps:
+                        break
+                else:
+                    continue  # the epoch ended before the sweep did
+            except engine.NonFiniteLoss:
+                pass  # the loss diverged: the sweep ends there
             break
         result = suggest(lrs, smooth)
         tracker.image("lr_find/loss_vs_lr", reports.curve_image(lrs, smooth, title="smoothed loss vs learning rate",
@@ -138,6 +126,7 @@ def find_lr(cfg: DictConfig, run_dir: Path, *, steps: int = 200, start_lr: float
         tracker.close()
         return {**result, "lrs": lrs, "losses": smooth}
     finally:
+        build.close_data(bundle)
         runtime.teardown(rt)
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from resnet_cli.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,12 @@ def build_optimizer(factory: Callable, groups: list[dict]) -> torch.optim.Optimi
 
 
 def build_scheduler(factory: Callable, optimizer: torch.optim.Optimizer, *, interval: str,
-                    steps_per_epoch: int, epochs: int, warmup_epochs: float = 0.0):
-    """Build the schedule in units of `interval` (step|epoch), with an optional linear warm-up."""
+                    steps_per_epoch: int, epochs: int, warmup_epochs: float = 0.0, goal: str = "max"):
+    """Build the schedule in units of `interval` (step|epoch), with an optional linear warm-up.
+
+    `goal` (max|min) is whether the monitored metric should rise or fall: a metric-driven
+    schedule (ReduceLROnPlateau) takes it as its `mode` unless the config sets one.
+    """
     if interval not in ("step", "epoch"):
         raise ValueError(f"scheduler.interval must be step or epoch, got {interval!r}")
     factory = plain_factory(factory)  # e.g. MultiStepLR's milestones: into the checkpoint as a plain list
@@ -84,6 +90,8 @@ def build_scheduler(factory: Callable, optimizer: torch.optim.Optimizer, *, inte
     params = inspect.signature(func).parameters
     kwargs = {name: max(1, total - warmup) for name in _LENGTH_ARGS
               if name in params and _keyword(factory, name) is None}
+    if steps_on_metric(func):
+        kwargs.update(_metric_mode(factory, func, interval, warmup, goal))
     max_lr = _keyword(factory, "max_lr")
     if max_lr is not None and any(g.get("lr_scale", 1.0) != 1.0 for g in optimizer.param_groups):
         kwargs["max_lr"] = [max_lr * g.get("lr_scale", 1.0) for g in optimizer.param_groups]
@@ -102,11 +110,53 @@ def build_scheduler(factory: Callable, optimizer: torch.optim.Optimizer, *, inte
                         "pct_start=%.4f (%s)", pct, pct * span, span, safe,
                         "a warm-up of %d steps" % round(safe * span) if safe * span >= 1 else "annealing only")
             kwargs["pct_start"] = safe
-    main = factory(optimizer, **kwargs)
+    try:
+        main = factory(optimizer, **kwargs)
+    except (ValueError, TypeError) as exc:  # torch checks its own arguments (e.g. ReduceLROnPlateau's factor < 1)
+        raise UserError(f"scheduler: {func.__name__} refused its arguments: {first_line(exc)}") from exc
     if not warmup:
         return main
     start = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, end_factor=1.0, total_iters=warmup)
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [start, main], milestones=[warmup])
+
+
+def steps_on_metric(scheduler: Any) -> bool:
+    """Whether a scheduler (class or instance) steps on a validation metric, as ReduceLROnPlateau does."""
+    step = getattr(scheduler, "step", None)
+    return step is not None and "metrics" in inspect.signature(step).parameters
+
+
+def _metric_mode(factory: Callable, func: Callable, interval: str, warmup: int, goal: str) -> dict:
+    # The metric exists once per epoch, and SequentialLR (the warm-up) steps its parts without one.
+    name = func.__name__
+    if interval != "epoch":
+        raise UserError(f"scheduler.interval={interval}: {name} steps on the validation metric, which exists "
+                        f"once per epoch; set scheduler.interval=epoch")
+    if warmup:
+        raise UserError(f"trainer.warmup_epochs cannot precede {name} (it steps on the validation metric); "
+                        f"set trainer.warmup_epochs=0")
+    mode = _keyword(factory, "mode")
+    if mode is not None and mode != goal:
+        raise UserError(f"scheduler.mode={mode} contradicts the monitored metric, which should "
+                        f"{'rise' if goal == 'max' else 'fall'} (mode {goal}); leave scheduler.mode out: it "
+                        f"follows trainer.monitor")
+    return {"mode": goal} if "mode" in inspect.signature(func).parameters else {}
+
+
+def lr_by_role(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The learning rates to log: `lr` is the head's; under trainer.backbone_lr_scale also lr/backbone and lr/head.
+
+    A group's role is read from its `lr_scale` (1 for the head), which checkpoints keep.
+    """
+    head = backbone = None
+    for g in optimizer.param_groups:
+        if g.get("lr_scale", 1.0) == 1.0:
+            head = g["lr"] if head is None else head
+        elif backbone is None:
+            backbone = g["lr"]
+    if head is None or backbone is None:
+        return {"lr": head if head is not None else backbone}
+    return {"lr": head, "lr/backbone": backbone, "lr/head": head}
 
 
 def one_cycle_pct_start(total: int, pct: float, three_phase: bool = False) -> float | None:

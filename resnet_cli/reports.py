@@ -14,6 +14,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import make_grid
 
+from resnet_cli.fileio import atomic_write
+
 _TILE = 64  # pixels per thumbnail side in the misclassified grid (small images are scaled up)
 _CELL = 26  # pixels per confusion-matrix cell
 
@@ -195,12 +197,13 @@ class GradNormProbe:
     pays for the norm so the loop keeps its one-sync-per-logged-step rhythm.
     """
 
-    def __init__(self, loop, every: int):
-        self.loop, self.every, self.value = loop, max(1, every), None
-        self.handle = loop.optimizer.register_step_pre_hook(self._hook)
+    def __init__(self, optimizer: torch.optim.Optimizer, progress, every: int):
+        # `progress.global_step` counts the steps done: the step about to run is the next one.
+        self.progress, self.every, self.value = progress, max(1, every), None
+        self.handle = optimizer.register_step_pre_hook(self._hook)
 
     def _hook(self, optimizer, args, kwargs) -> None:
-        if (self.loop.global_step + 1) % self.every:
+        if (self.progress.global_step + 1) % self.every:
             return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         self.value = torch.nn.utils.get_total_norm(grads) if grads else None
@@ -319,9 +322,7 @@ def write_curves(tracker, history: Sequence[dict], lr_steps: Sequence[float], st
     if not tracker.enabled or not history:
         return
     img = training_curves(history, lr_steps)
-    path = tracker.run_dir / name
-    tmp = path.with_name(f".{name}.tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)  # readers never see half a PNG
+    # Readers never see half a PNG; not fsynced: the next epoch writes it again.
+    atomic_write(tracker.run_dir / name, lambda fh: img.save(fh, format="PNG"), durable=False)
     if step is not None:
         tracker.image("train/curves", _to_tensor(img), step)

@@ -113,3 +113,56 @@ def clear_run(run_dir: str | os.PathLike) -> None:
             path.unlink()
     for events in run_dir.glob("events.out.tfevents.*"):
         events.unlink()
+
+
+def resume_target(cfg: DictConfig, plain: dict, run_dir: Path, rt: Any) -> tuple[Path | None, Path]:
+    """Which checkpoint to continue from (None: a fresh start) and which run folder to write into.
+
+    Rank 0 decides (it alone reads the folders) and tells the others. A run resumed from another
+    folder continues there, so checkpoints and the TensorBoard step axis stay in one run.
+    """
+    # A folder that holds a run is written only to resume that run (or with trainer.overwrite=true).
+    in_place = check_run_folder(cfg, plain, run_dir) if rt.is_main else False
+    request = cfg.trainer.resume
+    if not request:
+        return None, run_dir
+    found: Path | None = None
+    if rt.is_main:
+        if str(request) == "auto":
+            if in_place:
+                found = run_dir  # a fixed hydra.run.dir (e.g. a requeued SLURM job) resumes in place
+            else:
+                from resnet_cli.checkpoint import find_resumable
+
+                found = find_resumable(cfg.output_root, plain, exclude=run_dir)
+            if found is None:
+                log.info("trainer.resume=auto: no unfinished run of this config under %s; starting fresh",
+                         cfg.output_root)
+        else:
+            path = Path(str(request))
+            if not path.exists():
+                raise UserError(f"trainer.resume={request}: no such checkpoint or run folder")
+            found = path
+    found = _broadcast(found, rt)
+    if found is None:
+        return None, run_dir
+    ckpt_file = found / LAST if found.is_dir() else found
+    new_dir = ckpt_file.parent
+    if rt.is_main and new_dir.resolve() != run_dir.resolve():
+        # Our log lines go to the original folder's train.log too (resumed_into.txt is left in the new
+        # folder once the checkpoint has loaded).
+        handler = logging.FileHandler(new_dir / "train.log")
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logging.getLogger().addHandler(handler)
+        log.info("resuming %s in %s", ckpt_file, new_dir)
+    return ckpt_file, new_dir
+
+
+def _broadcast(value: Any, rt: Any) -> Any:
+    if not rt.distributed:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

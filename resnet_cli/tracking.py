@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -146,6 +147,129 @@ class Tracker:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+# Custom Scalars charts (tag regexes): what the tutorials plot together.
+CHARTS = {"loss: train vs val": ["^train/loss$", "^val/loss$", "^val_ema/loss$"],
+          "acc: train vs val": ["^train/acc$", "^val/acc$", "^val_ema/acc$"],
+          "lr per step": ["^train/lr$"]}
+# HParams metrics: the last values of per-epoch scalars (no single-point hparam/* charts).
+HPARAM_METRICS = ("val/best_acc", "val/acc", "val/loss", "train/loss", "train/acc")
+
+
+def write_metrics(tracker: Tracker, history: list[dict], best_epoch: int, *, finished: bool, seconds: float,
+                  monitor: str) -> None:
+    """metrics.json: the best and final values, whether the run finished, and every epoch's row."""
+    row = history[-1]
+    best_row = next((r for r in history if r["epoch"] == best_epoch), row)
+    tracker.write_json("metrics.json", {
+        "best_val_acc": max(r["val_acc"] for r in history),
+        "best_epoch": best_epoch,
+        "monitor": monitor,
+        "best_val_loss": min(r["val_loss"] for r in history),
+        "best_monitored_row": best_row,
+        "final_val_acc": row["val_acc"],
+        "final_val_loss": row["val_loss"],
+        "epochs": len(history),
+        "finished": finished,
+        "seconds_this_session": round(seconds, 3),
+        "history": history,
+    })
+
+
+def tensorboard_logdir(run_dir: Path, output_root: str) -> Path:
+    """The folder to point TensorBoard at: output_root when it holds the run, else the run folder's parent."""
+    root = Path(str(output_root)).resolve()
+    run = Path(run_dir).resolve()
+    return Path(str(output_root)) if run.is_relative_to(root) else run.parent
+
+
+def run_settings(cfg: Any, *, image_size: int, precision: str) -> dict[str, Any]:
+    """The settings that define a run (HParams columns): groups, lr, peak, batch, epochs, augmentation, size, seed."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    try:
+        choices = dict(HydraConfig.get().runtime.choices)
+    except ValueError:  # not under Hydra (programmatic use)
+        choices = {}
+
+    def target(node) -> str:
+        return str(node.get("_target_", "")).rsplit(".", 1)[-1].lower()
+
+    hp: dict[str, Any] = {
+        "name": cfg.name,
+        "model": cfg.model.get("name", choices.get("model", "")),
+        "dataset": choices.get("dataset") or target(cfg.dataset),
+        "optimizer": choices.get("optimizer") or target(cfg.optimizer),
+        "optimizer.lr": cfg.optimizer.get("lr"),
+        "optimizer.weight_decay": cfg.optimizer.get("weight_decay"),
+        "scheduler": choices.get("scheduler") or target(cfg.scheduler),
+        "scheduler.max_lr": cfg.scheduler.get("max_lr"),
+        "dataset.batch_size": cfg.dataset.get("batch_size"),
+        "trainer.epochs": cfg.trainer.epochs,
+        "dataset.augment": cfg.dataset.get("augment"),
+        "image_size": image_size,  # resolved: dataset.image_size may say auto
+        "precision": precision,  # resolved: trainer.precision may say auto
+        "trainer.seed": cfg.trainer.seed,
+    }
+    return {k: v for k, v in hp.items() if v is not None and not OmegaConf.is_config(v)}
+
+
+def final_hparams(cfg: Any, tracker: Tracker, run_dir: Path, *, image_size: int, precision: str) -> None:
+    """The run's HParams row: its settings, every key the user set (as typed), the per-epoch metrics."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from resnet_cli.callbacks import read_swept_keys
+    from resnet_cli.config import UNLABELLED
+
+    overrides: list[str] = []
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra (programmatic use)
+        pass
+    hp = run_settings(cfg, image_size=image_size, precision=precision)
+    typed = []
+    for item in overrides:  # every key the user set, as typed
+        key, _, value = item.partition("=")
+        typed.append(key.lstrip("+~"))
+        hp[typed[-1]] = value
+    # The row's name is the run folder (what TensorBoard's legend shows; its own name first, as the
+    # table cuts long names), never a hash of the values.
+    root, here = Path(str(cfg.output_root)).resolve(), Path(run_dir).resolve()
+    parent = here.parent.relative_to(root) if here.is_relative_to(root) else None
+    trial = f"{here.name} ({parent})" if parent is not None and str(parent) != "." else here.name
+    # Marked as differing, TensorBoard shows these columns first: in a sweep the keys it varies, else what
+    # the user set (paths and how the run is watched aside).
+    swept = None
+    try:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            swept = read_swept_keys(Path(str(HydraConfig.get().sweep.dir)))
+    except ValueError:  # not under Hydra
+        pass
+    differs = swept if swept else [k for k in typed if k not in UNLABELLED]
+    tracker.hparams(hp, HPARAM_METRICS, trial_id=trial, differs=differs)
+
+
+def progress_mode(setting: str) -> str | None:
+    """'bar' (tqdm), 'lines' (log lines, where tqdm would be hidden) or None, from trainer.progress."""
+    setting = str(setting).lower()
+    if setting == "auto":
+        return "bar" if sys.stderr.isatty() else "lines"
+    if setting == "lines":
+        return "lines"
+    return "bar" if setting in ("true", "1", "yes") else None
+
+
+def progress_bar(enabled: bool, total: int, start: int, epoch: int, epochs: int):
+    """A tqdm bar over an epoch's batches (None when not enabled); it disappears when the epoch ends."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+                dynamic_ncols=True)
 
 
 def _clock(seconds: float) -> str:

@@ -303,6 +303,14 @@ RULES: dict[str, Rule] = {
     "scheduler.total_iters": Int(0),
     "scheduler.T_max": Int(1),
     "scheduler.total_steps": Int(1),
+    # ReduceLROnPlateau (its mode follows trainer.monitor; build_scheduler refuses a contradicting one)
+    "scheduler.mode": Choice("min", "max"),
+    "scheduler.patience": Int(0),
+    "scheduler.threshold": NON_NEGATIVE,
+    "scheduler.threshold_mode": Choice("rel", "abs"),
+    "scheduler.cooldown": Int(0),
+    "scheduler.min_lr": NON_NEGATIVE,
+    "scheduler.eps": NON_NEGATIVE,
 }
 
 
@@ -331,6 +339,17 @@ def _relations(get: Callable[[str], Any]) -> list[tuple[str, Any, str]]:
         if _is_number(pct) and pct >= 0.5:
             bad.append(("scheduler.pct_start", pct, "must be below 0.5 with scheduler.three_phase=true (the "
                                                     "warm-up and its mirror take 2 x pct_start of the run)"))
+    if str(get("scheduler._target_")).endswith("ReduceLROnPlateau"):  # steps on the val metric, once per epoch
+        if get("scheduler.interval") == "step":
+            bad.append(("scheduler.interval", "step", "cannot drive ReduceLROnPlateau: it steps on the validation "
+                                                      "metric, once per epoch; set scheduler.interval=epoch"))
+        if _is_number(warmup) and warmup > 0:
+            bad.append(("trainer.warmup_epochs", warmup, "cannot precede ReduceLROnPlateau (it steps on the "
+                                                         "validation metric); set trainer.warmup_epochs=0"))
+        mode, monitor = get("scheduler.mode"), get("trainer.monitor")
+        if mode in ("min", "max") and monitor in ("val_acc", "val_loss") and (mode == "max") != (monitor == "val_acc"):
+            bad.append(("scheduler.mode", mode, f"contradicts trainer.monitor={monitor}; leave scheduler.mode out: "
+                                                f"it follows the monitor"))
     loader, augment = get("dataset.loader"), get("dataset.augment")
     if loader == "memory" and isinstance(augment, str):
         extra = [n for n in _presets(augment) if n not in MEMORY_PRESETS]

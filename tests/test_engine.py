@@ -264,21 +264,19 @@ class _FakeEvent:
 
 def test_device_finiteness_flags_are_read_without_waiting_until_one_step_late():
     from resnet_cli import engine
-    from resnet_cli.runtime import Runtime
 
-    loop = engine.Loop(torch.nn.Linear(1, 1), None, None, "step", None, Runtime(torch.device("cpu"), "fp32", False),
-                       None)
+    guard = engine.LossGuard(0, engine.Progress())
     bad = _FakeEvent(ready=False)
-    loop.pending.append((torch.tensor(False), bad, 2, 3))
-    loop.check_finite()  # the copy has not landed and only one step is queued: no wait, no verdict yet
-    assert not bad.waited and len(loop.pending) == 1
-    loop.pending.append((torch.tensor(True), _FakeEvent(ready=False), 2, 4))
+    guard.pending.append((torch.tensor(False), bad, 2, 3))
+    guard.check()  # the copy has not landed and only one step is queued: no wait, no verdict yet
+    assert not bad.waited and len(guard.pending) == 1
+    guard.pending.append((torch.tensor(True), _FakeEvent(ready=False), 2, 4))
     with pytest.raises(engine.NonFiniteLoss, match="epoch 2, step 3"):
-        loop.check_finite()  # the next step is queued: now the previous flag is awaited
-    assert bad.waited and not loop.pending
-    loop.pending.append((torch.tensor(False), _FakeEvent(ready=False), 3, 1))
+        guard.check()  # the next step is queued: now the previous flag is awaited
+    assert bad.waited and not guard.pending
+    guard.pending.append((torch.tensor(False), _FakeEvent(ready=False), 3, 1))
     with pytest.raises(engine.NonFiniteLoss, match="epoch 3, step 1"):
-        loop.check_finite(wait=True)  # a logged step syncs anyway
+        guard.check(wait=True)  # a logged step syncs anyway
 
 
 def test_best_is_a_second_name_for_last_and_keeps_its_bytes(train_inproc):

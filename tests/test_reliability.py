@@ -447,14 +447,14 @@ def test_ctrl_c_twice_to_the_group_is_one_line(pngs, tmp_path):
 
 
 def test_second_ctrl_c_names_the_last_checkpoint_and_exits_130(tmp_path, monkeypatch, capsys):
-    from resnet_cli import train
+    from resnet_cli import signals, train
 
     saver = type("S", (), {"last_good": tmp_path / "last.pt"})()
-    flag = train._StopFlag(saver)
+    flag = signals.StopFlag(saver)
     try:
         os.kill(os.getpid(), signal.SIGINT)
         assert flag.signal == "SIGINT"
-        with pytest.raises(train.Interrupted, match=re.escape(str(tmp_path / "last.pt"))) as info:
+        with pytest.raises(signals.Interrupted, match=re.escape(str(tmp_path / "last.pt"))) as info:
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         flag.close()

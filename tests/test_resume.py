@@ -298,11 +298,11 @@ def test_resume_auto_picks_the_unfinished_run_of_the_same_config(train_inproc, t
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_stop_signals_set_the_flag_and_handlers_are_given_back(name):
-    from resnet_cli.train import _StopFlag
+    from resnet_cli.signals import StopFlag
 
     sig = getattr(signal, name)
     before = signal.getsignal(sig)
-    flag = _StopFlag()
+    flag = StopFlag()
     try:
         os.kill(os.getpid(), sig)
         assert flag.signal == name

@@ -140,6 +140,37 @@ def test_onecycle_spans_exactly_the_run(train_inproc):
     assert lrs[-1] == pytest.approx(0.1 / 25 / 1e4, rel=1e-3)
 
 
+def test_plateau_scheduler_lowers_the_lr_once_the_monitored_metric_stalls(train_inproc):
+    """ReduceLROnPlateau steps once per epoch on the monitored metric; its mode follows trainer.monitor."""
+    from resnet_cli.errors import UserError
+
+    # An absolute threshold no accuracy can clear: epoch 1 sets the best, every later epoch is a plateau.
+    plateau = ("model=simple_cnn", "optimizer=adam", "optimizer.lr=0.001", "scheduler=plateau",
+               "scheduler.patience=0", "scheduler.factor=0.5", "scheduler.threshold_mode=abs",
+               "scheduler.threshold=10")
+    _, run = train_inproc(*plateau, "trainer.epochs=3")
+    lrs = [r["lr"] for r in read_metrics(run)["history"]]
+    assert lrs == pytest.approx([0.001, 0.001, 0.0005])  # the lr each epoch's steps used
+    ck = torch.load(run / "last.pt", weights_only=True)
+    assert ck["scheduler"]["mode"] == "max"  # trainer.monitor=val_acc: higher is better
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.00025)  # dropped again after epoch 3
+    with pytest.raises(UserError, match=r"scheduler.mode=min contradicts trainer.monitor=val_acc"):
+        train_inproc(*plateau, "+scheduler.mode=min")
+
+
+def test_backbone_lr_scale_logs_the_head_lr_as_lr_and_each_group(train_inproc):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run = train_inproc("model=simple_cnn", "optimizer=adam", "optimizer.lr=0.002", "scheduler=none",
+                          "trainer.backbone_lr_scale=0.1", "trainer.limit_train_batches=2")
+    row = read_metrics(run)["history"][0]
+    assert row["lr"] == row["lr/head"] == pytest.approx(0.002) and row["lr/backbone"] == pytest.approx(0.0002)
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    for tag, lr in (("train/lr", 0.002), ("train/lr/head", 0.002), ("train/lr/backbone", 0.0002)):
+        assert [e.value for e in acc.Scalars(tag)] == pytest.approx([lr, lr]), tag
+
+
 def test_gradient_clipping_by_value_and_norm_bounds_the_update():
     """With SGD (lr 1, no momentum) the update equals the clipped gradient."""
     from resnet_cli import engine
@@ -151,10 +182,11 @@ def test_gradient_clipping_by_value_and_norm_bounds_the_update():
         before = [p.detach().clone() for p in model.parameters()]
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-        loop = engine.Loop(model, opt, sched, "epoch", torch.amp.GradScaler("cpu", enabled=False), rt,
-                           torch.nn.CrossEntropyLoss(), grad_clip_value=clip_value, grad_clip_norm=clip_norm)
+        parts = engine.Parts(model, model, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
+                             torch.nn.CrossEntropyLoss())
+        settings = engine.Settings(rt, grad_clip_value=clip_value, grad_clip_norm=clip_norm)
         x, y = torch.randn(8, 4) * 100, torch.randint(0, 3, (8,))
-        engine.train_one_epoch(loop, [(x, y)], epoch=0)
+        list(engine.train_steps(parts, settings, [(x, y)], epoch=0))
         deltas = [(b - p.detach()) for b, p in zip(before, model.parameters())]
         if clip_value:
             assert max(d.abs().max().item() for d in deltas) <= clip_value + 1e-6

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from resnet_cli.checkpoint import mismatch
-from resnet_cli.errors import UserError
+from resnet_cli.errors import UserError, first_line
 from resnet_cli.fileio import regular_file
 
 HEAD = "fc"  # the classifier attribute every model shares (resnet_cli/optim.py reads the same name)
@@ -63,7 +63,7 @@ def torchvision_state_dict(name: str) -> dict[str, torch.Tensor]:
         # check_hash: the file name carries the SHA-256 prefix that torch.hub verifies after downloading.
         return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
-        raise UserError(f"model.pretrained=true: cannot get {weights.url} for {name} ({_first_line(exc)}); "
+        raise UserError(f"model.pretrained=true: cannot get {weights.url} for {name} ({first_line(exc)}); "
                         f"download it into the torch hub cache or pass a file path") from exc
 
 
@@ -76,7 +76,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         # weights_only=True: tensors and plain containers only; a pickled code payload is refused.
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise UserError(f"model.pretrained: cannot read {path} as a PyTorch state_dict ({_first_line(exc)})") from exc
+        raise UserError(f"model.pretrained: cannot read {path} as a PyTorch state_dict ({first_line(exc)})") from exc
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         data = data["model"]
     if not isinstance(data, dict) or not all(torch.is_tensor(v) for v in data.values()):
@@ -96,8 +96,3 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], source: str, name:
         hint = " (at <= 64 px stem=auto picks the CIFAR stem: set model.stem=imagenet)" if "shape" in problems else ""
         raise UserError(f"model.pretrained: {source} does not fit {name}: {problems}{hint}")
     model.load_state_dict(state, strict=False)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
