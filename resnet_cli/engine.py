@@ -353,7 +353,7 @@ def _keep_most_confident_wrong(wrong: dict, images, conf, pred, targets, k: int)
 
 
 def recalibrate_bn(model: nn.Module, batches: Iterable, rt: Runtime) -> bool:
-    """Re-estimate every BatchNorm's running statistics from `batches` with the current weights.
+    """Re-estimate every BatchNorm's running statistics from `batches` with the current weights (bare module).
 
     Running statistics are an average over the last ~10 training steps, taken while the weights
     moved; early in a short run (high learning rate, few steps per epoch) they no longer describe
@@ -363,7 +363,6 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, rt: Runtime) -> bool:
     """
     from torch.optim.swa_utils import update_bn
 
-    model = _unwrap(model)
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return False
     with rt.autocast():

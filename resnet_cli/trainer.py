@@ -260,7 +260,7 @@ class Trainer:
     def validate(self) -> dict:
         """Loss and accuracy on the validation split (with the EMA weights' under "ema", when there are any)."""
         if self.calibration is not None:  # statistics of the weights about to be validated (and saved)
-            for net in (self.parts.model, self.parts.ema.module if self.parts.ema is not None else None):
+            for net in (self.parts.raw_model, self.parts.ema.module if self.parts.ema is not None else None):
                 if net is not None:
                     engine.recalibrate_bn(net, self.calibration.iter_from(0), self.rt)
         val = engine.evaluate(self.parts.model, self.data.val.iter_from(0), self.rt,
