@@ -64,6 +64,11 @@ def compose(overrides: list[str]):
     return cfg
 
 
+def dataset_config(name: str):
+    """The dataset node of `dataset=<name>` as resnet-train composes it: the YAML over its schema's defaults."""
+    return compose([f"dataset={name}"]).dataset
+
+
 def fit_inproc(run_dir: Path, overrides: list[str]) -> float:
     """Compose the real config with overrides and run the training task in-process into run_dir."""
     from omegaconf import open_dict
