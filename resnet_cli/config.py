@@ -104,58 +104,45 @@ class Word(str, Enum):
 class Loader(Word):
     """How batches are made: auto | memory (uint8 tensor on the device) | dataloader (per-image workers)."""
 
-    auto = "auto"
-    memory = "memory"
-    dataloader = "dataloader"
+    auto, memory, dataloader = "auto", "memory", "dataloader"
 
 
 class Crop(Word):
     """The training crop: auto (pad up to 64 px, resized above) | pad | resized."""
 
-    auto = "auto"
-    pad = "pad"
-    resized = "resized"
+    auto, pad, resized = "auto", "pad", "resized"
 
 
 class PadMode(Word):
     """How crop=pad fills the border."""
 
-    reflect = "reflect"
-    constant = "constant"
-    edge = "edge"
+    reflect, constant, edge = "reflect", "constant", "edge"
 
 
 class AugmentPreset(Word):
     """The augmentation presets (resnet_cli.data.transforms.PRESETS); dataset.augment joins them with '+'."""
 
-    none = "none"
-    standard = "standard"
-    trivialaugment = "trivialaugment"
-    randaugment = "randaugment"
-    autoaugment = "autoaugment"
-    colorjitter = "colorjitter"
-    randomerasing = "randomerasing"
+    none, standard = "none", "standard"  # the geometry only (crop + flip): what the memory loader offers
+    trivialaugment, randaugment, autoaugment = "trivialaugment", "randaugment", "autoaugment"
+    colorjitter, randomerasing = "colorjitter", "randomerasing"
 
 
 class OnBadImage(Word):
     """An unreadable image: error (stop, naming the file) | skip (log, count, go on)."""
 
-    error = "error"
-    skip = "skip"
+    error, skip = "error", "skip"
 
 
 class CifarLabels(Word):
     """CIFAR-100's labels: fine (100 classes) | coarse (the 20 superclasses)."""
 
-    fine = "fine"
-    coarse = "coarse"
+    fine, coarse = "fine", "coarse"
 
 
 class HeldOutSplit(Word):
     """Oxford 102 Flowers' split evaluated each epoch."""
 
-    val = "val"
-    test = "test"
+    val, test = "val", "test"
 
 
 # true | false, left untyped on purpose: OmegaConf's bool node would turn `yes`, `on` or 1 into true,
@@ -175,8 +162,9 @@ class DatasetConfig:
     _target_: str = MISSING  # the builder, resnet_cli.data.<name>
     _partial_: bool = True  # the runner adds device, seed, rank and world_size
     image_size: Union[int, str] = "auto"  # pixels | auto: the images' median short side, at most auto_max_size
-    resize: Optional[Union[int, str]] = "auto"  # eval resize before the centre crop; auto: image_size for crop=pad, image_size/0.875 for resized
-    crop: Crop = Crop.auto  # auto: pad up to 64 px, resized above | pad: pad + random crop | resized: RandomResizedCrop(scale)
+    # eval: shorter side resized to this, then the centre crop; auto: image_size (crop=pad), image_size/0.875 (resized)
+    resize: Optional[Union[int, str]] = "auto"
+    crop: Crop = Crop.auto  # auto: pad up to 64 px, resized above | pad: pad + random crop | resized: RandomResizedCrop
     pad: Union[int, str] = "auto"  # crop=pad: pixels of padding; auto: image_size/8 (4 at 32 px)
     pad_mode: PadMode = PadMode.reflect
     scale: List[float] = field(default_factory=lambda: [0.5, 1.0])  # crop=resized: area range of the random box
@@ -189,7 +177,8 @@ class DatasetConfig:
     cutout: int = 0  # side of a cutout square in pixels; 0 = off
     mixup_alpha: float = 0.0  # 0 = off; > 0 gives soft targets [N, C]
     cutmix_alpha: float = 0.0
-    mean: Any = field(default_factory=lambda: list(IMAGENET_MEAN))  # three numbers | auto (image folders: computed on the train split)
+    # three numbers | auto (image folders: computed once on the train split, cached in the manifest)
+    mean: Any = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: Any = field(default_factory=lambda: list(IMAGENET_STD))
     drop_last: StrictBool = True  # train only; validation never drops samples
 
@@ -271,18 +260,13 @@ class Flowers102Dataset(FolderDataset):
 class Stem(Word):
     """The first layers: auto (cifar when image_size <= 64) | imagenet (7x7/2 conv + max-pool) | cifar (3x3/1)."""
 
-    auto = "auto"
-    imagenet = "imagenet"
-    cifar = "cifar"
+    auto, imagenet, cifar = "auto", "imagenet", "cifar"
 
 
 class Shortcut(Word):
     """A shape-changing block's shortcut: projection (B) | pad (A) | avg (ResNet-D) | none (plain net)."""
 
-    projection = "projection"
-    pad = "pad"
-    avg = "avg"
-    none = "none"
+    projection, pad, avg, none = "projection", "pad", "avg", "none"
 
 
 class Attention(Word):
@@ -294,8 +278,7 @@ class Attention(Word):
 class Head(Word):
     """The classifier: linear (one fc) | mlp (dropout, head_hidden ReLU units, dropout, fc)."""
 
-    linear = "linear"
-    mlp = "mlp"
+    linear, mlp = "linear", "mlp"
 
 
 @dataclass
@@ -308,7 +291,7 @@ class ModelConfig:
     image_size: Any = "${dataset.image_size}"  # replaced by the resolved training size before the build
     in_channels: int = 3
     drop_rate: float = 0.0  # dropout before the classifier fc
-    pretrained: Any = False  # false | true: torchvision's ImageNet weights (where it ships them) | a state_dict/checkpoint path
+    pretrained: Any = False  # false | true: torchvision's ImageNet weights (where it ships them) | a weights file
     freeze_backbone: bool = False  # train only fc (fine-tuning)
     head: Head = Head.linear
     head_hidden: int = 1024  # units of the mlp head's hidden layer

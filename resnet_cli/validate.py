@@ -403,9 +403,10 @@ def _check_schema_keys(cfg: DictConfig) -> None:
         for key in node.keys():
             if key in known or (prefix == "" and key == "hydra"):
                 continue
-            where = (f"{node.get('_target_')} takes no such key; `--cfg job` lists the keys it takes"
-                     if prefix in ("dataset.", "model.") else
-                     "a '+' adds keys to the untyped groups only (optimizer, scheduler)")
+            # The dataset is named by its builder, the model by its name: what the user chose.
+            owner = node.get("name") if prefix == "model." else node.get("_target_")
+            where = (f"{owner} takes no such key (`--cfg job` prints every key)" if prefix in ("dataset.", "model.")
+                     else "a '+' adds keys to the untyped groups only (optimizer, scheduler)")
             raise UserError(f"unknown config key '{prefix}{key}'{did_you_mean(str(key), known)}: {where}")
 
 
