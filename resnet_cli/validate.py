@@ -21,7 +21,7 @@ import dataclasses
 import math
 import re
 from enum import Enum
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 

@@ -237,8 +237,6 @@ def folder_bundle(
     **options: Any,
 ) -> DataBundle:
     """Scan, check, split (once, saved as a manifest) and wrap class folders under `root` as a DataBundle."""
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"dataset.val_fraction={val_fraction} must be in [0, 1)")
     train_dir, val_dir = _resolve_layout(root)
     tscan = scan(train_dir, root)
     notes: list[str] = []
@@ -444,8 +442,6 @@ def flowers102(
 
     from resnet_cli.data.download import fetch
 
-    if val_split not in ("val", "test"):
-        raise UserError(f"dataset.val_split: unknown value '{val_split}'; use val or test")
     base = Path(root) / "flowers-102"
     for key, (filename, md5) in Flowers102._file_dict.items():
         if key == "image":
