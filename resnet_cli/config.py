@@ -221,7 +221,7 @@ class Cifar100Dataset(Cifar10Dataset):
 
 @dataclass
 class FolderDataset(DatasetConfig):
-    """Keys of every class-folder dataset (resnet_cli.data.folders.files_bundle): bad files, the decoded cache."""
+    """Keys of every class-folder dataset (resnet_cli.data.imagefolder.files_bundle): bad files, the decoded cache."""
 
     root: Optional[str] = None
     auto_max_size: int = 224  # image_size=auto: the largest side chosen
