@@ -59,7 +59,9 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int, image_size: int 
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
 
-    cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
+    # enum_to_str: a typed node's choices (stem, shortcut, head, ...) reach the builders as the plain words.
+    cfg = (OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True) if isinstance(model_cfg, DictConfig)
+           else dict(model_cfg))
     if image_size is not None and "image_size" in cfg:
         cfg["image_size"] = int(image_size)
     if not fetch_weights and cfg.get("pretrained"):

@@ -1,17 +1,20 @@
-"""Typed schemas for the top-level and trainer config nodes (no torch import).
+"""Typed schemas for every config node (no torch import).
 
-The schemas are registered in Hydra's ConfigStore and named first in
-``configs/train.yaml``'s defaults list, so a misspelled key, a wrong type or an
-invalid choice fails while Hydra composes the config, before any data is read.
-The swappable groups (model, dataset, optimizer, scheduler) stay untyped: their
-keys are the keyword arguments of the ``_target_`` they feed.
+`TrainConfig` (the top level and its `trainer`) is named first in ``configs/train.yaml``'s
+defaults list. Each dataset and model YAML names its own schema first in its defaults list
+(``- /<name>_schema@_here_``): the keys shared by a whole family and their defaults live once
+in a dataclass here, the YAML keeps only what is its own. So a misspelt key, a wrong type or an
+invalid choice fails while Hydra composes the config, before any data is read, with one line
+naming the key (and, for an enum, the allowed values). The ranges and the relations between
+keys are checked right after, by resnet_cli/validate.py. The optimizer and scheduler groups
+stay untyped: their keys are the constructor arguments of their ``_target_``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -84,6 +87,289 @@ class TrainConfig:
     name: str = "resnet"  # a label for the run (TensorBoard hparams, sweep summaries)
 
 
+class Word(str, Enum):
+    """An enum of plain words that builders read as the strings they are.
+
+    Hydra hands a typed node's enum members to the builders as they are; str() and format() give
+    the word itself here (a plain `str, Enum` gives 'Loader.memory' before Python 3.11's StrEnum),
+    so builders compare, lower() and print them like any other string.
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Loader(Word):
+    """How batches are made: auto | memory (uint8 tensor on the device) | dataloader (per-image workers)."""
+
+    auto, memory, dataloader = "auto", "memory", "dataloader"
+
+
+class Crop(Word):
+    """The training crop: auto (pad up to 64 px, resized above) | pad | resized."""
+
+    auto, pad, resized = "auto", "pad", "resized"
+
+
+class PadMode(Word):
+    """How crop=pad fills the border."""
+
+    reflect, constant, edge = "reflect", "constant", "edge"
+
+
+class AugmentPreset(Word):
+    """The augmentation presets (resnet_cli.data.transforms.PRESETS); dataset.augment joins them with '+'."""
+
+    none, standard = "none", "standard"  # the geometry only (crop + flip): what the memory loader offers
+    trivialaugment, randaugment, autoaugment = "trivialaugment", "randaugment", "autoaugment"
+    colorjitter, randomerasing = "colorjitter", "randomerasing"
+
+
+class OnBadImage(Word):
+    """An unreadable image: error (stop, naming the file) | skip (log, count, go on)."""
+
+    error, skip = "error", "skip"
+
+
+class CifarLabels(Word):
+    """CIFAR-100's labels: fine (100 classes) | coarse (the 20 superclasses)."""
+
+    fine, coarse = "fine", "coarse"
+
+
+class HeldOutSplit(Word):
+    """Oxford 102 Flowers' split evaluated each epoch."""
+
+    val, test = "val", "test"
+
+
+# true | false, left untyped on purpose: OmegaConf's bool node would turn `yes`, `on` or 1 into true,
+# and the dataset's switches have always refused those (validate.py's Bool rule checks them).
+StrictBool = Any
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class DatasetConfig:
+    """The loader keys every dataset takes (resnet_cli.data.pipeline.make_bundle), with their shared defaults.
+
+    The defaults are those of a folder of your own images; a dataset's YAML sets only what differs.
+    """
+
+    _target_: str = MISSING  # the builder, resnet_cli.data.<name>
+    _partial_: bool = True  # the runner adds device, seed, rank and world_size
+    image_size: Union[int, str] = "auto"  # pixels | auto: the images' median short side, at most auto_max_size
+    # eval: shorter side resized to this, then the centre crop; auto: image_size (crop=pad), image_size/0.875 (resized)
+    resize: Optional[Union[int, str]] = "auto"
+    crop: Crop = Crop.auto  # auto: pad up to 64 px, resized above | pad: pad + random crop | resized: RandomResizedCrop
+    pad: Union[int, str] = "auto"  # crop=pad: pixels of padding; auto: image_size/8 (4 at 32 px)
+    pad_mode: PadMode = PadMode.reflect
+    scale: List[float] = field(default_factory=lambda: [0.5, 1.0])  # crop=resized: area range of the random box
+    batch_size: Union[int, str] = "auto"  # auto: 64, halved (down to 16) until an epoch has at least 16 steps
+    val_batch_size: Optional[int] = 256  # null: batch_size
+    num_workers: Union[int, str] = "auto"  # loader=dataloader only; auto: one per core beyond the first
+    loader: Loader = Loader.auto  # auto: memory when the decoded uint8 cache fits memory_budget, else dataloader
+    memory_budget: float = 0.25  # loader=auto: the fraction of RAM (or GPU memory) the uint8 cache may take
+    augment: str = "standard"  # AugmentPreset names joined by '+'; the memory loader offers none and standard
+    cutout: int = 0  # side of a cutout square in pixels; 0 = off
+    mixup_alpha: float = 0.0  # 0 = off; > 0 gives soft targets [N, C]
+    cutmix_alpha: float = 0.0
+    # three numbers | auto (image folders: computed once on the train split, cached in the manifest)
+    mean: Any = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: Any = field(default_factory=lambda: list(IMAGENET_STD))
+    drop_last: StrictBool = True  # train only; validation never drops samples
+
+
+@dataclass
+class ArrayDataset(DatasetConfig):
+    """Datasets held as 32-px uint8 arrays (CIFAR, shapes): trained in memory at their native size."""
+
+    image_size: Union[int, str] = 32
+    crop: Crop = Crop.pad
+    batch_size: Union[int, str] = 128
+    val_batch_size: Optional[int] = 512
+    loader: Loader = Loader.memory
+
+
+@dataclass
+class ShapesDataset(ArrayDataset):
+    """dataset=shapes: the embedded procedural images (resnet_cli.data.shapes)."""
+
+    num_train: int = 5000
+    num_val: int = 1000
+
+
+@dataclass
+class Cifar10Dataset(ArrayDataset):
+    """dataset=cifar10: the official python-format archive (resnet_cli.data.cifar10)."""
+
+    root: str = MISSING
+    download: StrictBool = True
+    url: str = MISSING
+    md5: Optional[str] = None  # a download needs a pinned md5, otherwise it is refused
+
+
+@dataclass
+class Cifar100Dataset(Cifar10Dataset):
+    """dataset=cifar100: CIFAR-10's format with fine or coarse labels (resnet_cli.data.cifar100)."""
+
+    labels: CifarLabels = CifarLabels.fine
+
+
+@dataclass
+class FolderDataset(DatasetConfig):
+    """Keys of every class-folder dataset (resnet_cli.data.imagefolder.files_bundle): bad files, the decoded cache."""
+
+    root: Optional[str] = None
+    auto_max_size: int = 224  # image_size=auto: the largest side chosen
+    cache_size: Optional[int] = None  # memory loader only: the cached side in pixels; null = what the geometry needs
+    on_bad_image: OnBadImage = OnBadImage.error
+    max_bad_images: int = 0  # skip mode: stop once more than this many files were bad
+    verify_images: StrictBool = False  # true: fully decode every image at start-up (else only headers are read)
+
+
+@dataclass
+class ImageFolderDataset(FolderDataset):
+    """dataset=imagefolder: your own class folders under root (resnet_cli.data.imagefolder)."""
+
+    val_fraction: float = 0.1  # used only when root has no val/ folder; stratified per class
+    split_seed: int = 0  # the split's own seed (independent of trainer.seed)
+
+
+@dataclass
+class FlowersDataset(ImageFolderDataset):
+    """dataset=flowers: TensorFlow's flower_photos, downloaded, then split once (resnet_cli.data.flowers)."""
+
+    download: StrictBool = True
+    url: str = MISSING
+    sha256: Optional[str] = None  # a download needs a pinned checksum, otherwise it is refused
+
+
+@dataclass
+class Flowers102Dataset(FolderDataset):
+    """dataset=flowers102: Oxford 102 Flowers with its official splits (resnet_cli.data.flowers102)."""
+
+    download: StrictBool = True
+    url_prefix: str = MISSING
+    val_split: HeldOutSplit = HeldOutSplit.val
+
+
+class Stem(Word):
+    """The first layers: auto (cifar when image_size <= 64) | imagenet (7x7/2 conv + max-pool) | cifar (3x3/1)."""
+
+    auto, imagenet, cifar = "auto", "imagenet", "cifar"
+
+
+class Shortcut(Word):
+    """A shape-changing block's shortcut: projection (B) | pad (A) | avg (ResNet-D) | none (plain net)."""
+
+    projection, pad, avg, none = "projection", "pad", "avg", "none"
+
+
+class Attention(Word):
+    """Channel attention on each residual branch (null: none)."""
+
+    se = "se"
+
+
+class Head(Word):
+    """The classifier: linear (one fc) | mlp (dropout, head_hidden ReLU units, dropout, fc)."""
+
+    linear, mlp = "linear", "mlp"
+
+
+@dataclass
+class ModelConfig:
+    """The keys every model takes (resnet_cli.models.create_model and every builder), with their defaults."""
+
+    _target_: str = "resnet_cli.models.create_model"
+    _partial_: bool = True  # the runner adds num_classes
+    name: str = MISSING  # a registered model (resnet-models lists them)
+    image_size: Any = "${dataset.image_size}"  # replaced by the resolved training size before the build
+    in_channels: int = 3
+    drop_rate: float = 0.0  # dropout before the classifier fc
+    pretrained: Any = False  # false | true: torchvision's ImageNet weights (where it ships them) | a weights file
+    freeze_backbone: bool = False  # train only fc (fine-tuning)
+    head: Head = Head.linear
+    head_hidden: int = 1024  # units of the mlp head's hidden layer
+    head_dropout: float = 0.5  # dropout of the mlp head (before and after the hidden layer)
+
+
+@dataclass
+class ResNet9Model(ModelConfig):
+    """resnet9 (resnet_cli.models.small.ResNet9)."""
+
+    zero_init_residual: bool = False  # start every residual branch at zero (identity blocks)
+
+
+@dataclass
+class AttentionModel(ModelConfig):
+    """The Residual Attention nets (resnet_cli.models.attention.ResidualAttentionNet)."""
+
+    stem: Stem = Stem.auto
+
+
+@dataclass
+class CifarResNetModel(ResNet9Model):
+    """The CIFAR nets of the papers on the one ResNet trunk (resnet_cli.models.cifar): the stem is always cifar."""
+
+    attn: Optional[Attention] = None
+    shortcut: Shortcut = Shortcut.projection
+    shortcut_kernel: int = 1  # kernel of a projection shortcut (odd; the R1 tutorial used 3)
+
+
+@dataclass
+class CifarBottleneckModel(CifarResNetModel):
+    """CIFAR nets of bottleneck blocks, which also take ResNeXt's grouped 3x3 conv."""
+
+    groups: int = 1  # cardinality of the grouped 3x3 conv (ResNeXt)
+    width_per_group: int = 64  # bottleneck width per group; 128 with groups=1 gives the wide ResNets
+
+
+@dataclass
+class ResNetModel(CifarResNetModel):
+    """The ImageNet-style nets of basic blocks on the ResNet trunk (resnet_cli.models.resnet.ResNet)."""
+
+    stem: Stem = Stem.auto
+    deep_stem: bool = False  # three 3x3 convs instead of the ImageNet stem's 7x7 one (ResNet-C)
+
+
+@dataclass
+class BottleneckModel(ResNetModel):
+    """The ImageNet-style nets of bottleneck blocks (ResNet-50 and deeper, ResNeXt, wide, SE, ResNeSt)."""
+
+    groups: int = 1  # cardinality of the grouped 3x3 conv (ResNeXt)
+    width_per_group: int = 64  # bottleneck width per group; 128 with groups=1 gives the wide ResNets
+
+
+# ConfigStore name -> schema; a dataset or model YAML names one first in its defaults list (`- /<name>@_here_`).
+SCHEMAS: dict[str, type] = {
+    "cifar10_schema": Cifar10Dataset,
+    "cifar100_schema": Cifar100Dataset,
+    "shapes_schema": ShapesDataset,
+    "imagefolder_schema": ImageFolderDataset,
+    "flowers_schema": FlowersDataset,
+    "flowers102_schema": Flowers102Dataset,
+    "model_schema": ModelConfig,
+    "resnet9_schema": ResNet9Model,
+    "attention_schema": AttentionModel,
+    "cifar_resnet_schema": CifarResNetModel,
+    "cifar_bottleneck_schema": CifarBottleneckModel,
+    "resnet_schema": ResNetModel,
+    "bottleneck_schema": BottleneckModel,
+}
+# A dataset builder -> its schema: the keys a node without a schema (a YAML of your own, a checkpoint's
+# config) is checked against.
+DATASET_SCHEMAS: dict[str, type] = {
+    f"resnet_cli.data.{name.removesuffix('_schema')}": schema
+    for name, schema in SCHEMAS.items() if issubclass(schema, DatasetConfig)
+}
+
+
 # Overrides that say where or how a run is watched, not what it trains: left out of run folder names.
 UNLABELLED = {"output_root", "trainer.device", "trainer.progress", "trainer.progress_every_n_steps",
                "trainer.log_every_n_steps", "trainer.resume", "trainer.num_threads", "trainer.dry_run",
@@ -121,6 +407,8 @@ def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore and the run_label resolver (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    for name, schema in SCHEMAS.items():
+        cs.store(name=name, node=schema)
     if not OmegaConf.has_resolver("run_label"):
         OmegaConf.register_new_resolver("run_label", run_label)
 

@@ -174,7 +174,8 @@ def one_line(exc: BaseException) -> str:
     full_key = next((m.group(1) for m in map(_FULL_KEY.search, lines) if m), None)
     missing = next((m for m in map(_KEY_MISSING.search, lines) if m), None)
     if missing and full_key:
-        return f"unknown config key '{full_key}'{_suggest_key(missing.group(1), missing.group(2))}"
+        return (f"unknown config key '{full_key}'{_suggest_key(missing.group(1), missing.group(2))}: "
+                f"{missing.group(2)} has no such key (`--cfg job` prints every key)")
     # Keep the sentences, drop OmegaConf's indented "full_key:/object_type=" trailer
     # and Hydra's hint lines; the key is already named in the first sentence.
     keep = [

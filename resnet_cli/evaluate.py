@@ -27,6 +27,8 @@ _PLAIN_TRAIN = {"augment": "none", "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "dro
 def _dataset_config(ckpt: dict, overrides: Sequence[str], split: str) -> dict:
     from omegaconf import OmegaConf
 
+    from resnet_cli.validate import validate
+
     base = OmegaConf.create({"dataset": ckpt["config"]["dataset"]})
     for item in overrides:
         key, eq, _ = item.partition("=")
@@ -39,6 +41,7 @@ def _dataset_config(ckpt: dict, overrides: Sequence[str], split: str) -> dict:
     except Exception as exc:  # noqa: BLE001 - OmegaConf's grammar errors: report the bad override
         raise UserError(f"bad override: {one_line(exc)}") from exc
     cfg = OmegaConf.to_container(merged.dataset, resolve=True)
+    validate(OmegaConf.create({"dataset": cfg}))  # an override meets resnet-train's rules before any data is read
     if split == "train":
         cfg.update({k: v for k, v in _PLAIN_TRAIN.items() if k in cfg})
     return cfg

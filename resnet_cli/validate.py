@@ -7,10 +7,12 @@ differ (shapes has num_train, image folders have val_fraction, CIFAR-100 has lab
 the optimizer and scheduler groups hold their constructor's own arguments. The first
 problem raises a UserError of one line naming the key, the value and what is allowed.
 
-Hydra's schema (resnet_cli/config.py) already refuses a misspelt or wrongly typed trainer
-key while composing; but a `+` override turns the struct flag off for its node
-(`OmegaConf.update(..., force_add=True)`), so `+trainer.foo=1` reaches the task. The
-typed nodes' keys are therefore checked against their dataclasses here as well.
+Hydra's schemas (resnet_cli/config.py) already refuse a misspelt or wrongly typed trainer,
+dataset or model key while composing, and name an enum's allowed values; but a `+` override
+turns the struct flag off for its node (`OmegaConf.update(..., force_add=True)`), so
+`+dataset.foo=1` reaches the task. The typed nodes' keys are therefore checked against their
+dataclasses here as well (a dataset YAML of your own without a schema: against the schema of
+its builder), so the builders never see a key they do not take.
 """
 
 from __future__ import annotations
@@ -18,19 +20,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Sequence
+from enum import Enum
+from typing import Any, Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from resnet_cli.config import TrainConfig, TrainerConfig
+from resnet_cli.config import (DATASET_SCHEMAS, AugmentPreset, CifarLabels, Crop, DatasetConfig, HeldOutSplit,
+                               Loader, ModelConfig, OnBadImage, PadMode, TrainConfig, TrainerConfig)
 from resnet_cli.errors import UserError, did_you_mean
 
 _ABSENT = object()
 
 # The augmentation presets resnet_cli.data.transforms.PRESETS defines (a test keeps the two equal);
-# repeated here because importing the transforms would import torch.
-AUGMENT_PRESETS = ("none", "standard", "trivialaugment", "randaugment", "autoaugment", "colorjitter",
-                   "randomerasing")
+# named by the schema's enum because importing the transforms would import torch.
+AUGMENT_PRESETS = tuple(p.value for p in AugmentPreset)
 MEMORY_PRESETS = ("none", "standard")
 # Builders whose `mean: auto` / `std: auto` are computed from the images (class-folder datasets).
 _FOLDER_BUILDERS = ("resnet_cli.data.imagefolder", "resnet_cli.data.flowers", "resnet_cli.data.flowers102")
@@ -74,6 +77,17 @@ class IntText(Int):
         return not isinstance(value, bool) and text.isdigit() and super().ok(int(text))
 
 
+class OddInt(Int):
+    """An odd integer within [lo, hi] (a kernel padded to keep the size: an even one shifts the map by a pixel)."""
+
+    def __init__(self, lo: int | None = None, hi: int | None = None):
+        super().__init__(lo, hi)
+        self.text = self.text.replace("an integer", "an odd integer")
+
+    def ok(self, value: Any) -> bool:
+        return super().ok(value) and value % 2 == 1
+
+
 class Num(Rule):
     """A finite number within lo..hi; `open` names the bounds that are excluded ('lo', 'hi')."""
 
@@ -108,6 +122,11 @@ class Choice(Rule):
         if isinstance(value, bool):
             value = str(value)
         return isinstance(value, str) and value.lower() in self.options
+
+
+def choice_of(words: type[Enum]) -> Choice:
+    """A Choice of an enum's values (the schema's own list, so the two never differ)."""
+    return Choice(*(w.value for w in words))
 
 
 class Bool(Rule):
@@ -236,7 +255,7 @@ RULES: dict[str, Rule] = {
     "trainer.dry_run": Bool(),
     "trainer.num_threads": AnyOf(Choice("auto"), IntText(1)),
     "trainer.progress_every_n_steps": Int(0),
-    # dataset (untyped: the keys a dataset's YAML has)
+    # dataset (typed by a resnet_cli.config.DatasetConfig subclass; a key is checked where the dataset has it)
     "dataset._target_": Text(),
     "dataset.root": AnyOf(Null(), Text()),
     "dataset.num_train": Int(1),
@@ -247,13 +266,13 @@ RULES: dict[str, Rule] = {
     "dataset.batch_size": AnyOf(Choice("auto"), Int(1)),
     "dataset.val_batch_size": AnyOf(Null(), Int(1)),
     "dataset.num_workers": AnyOf(Choice("auto"), Int(0)),
-    "dataset.loader": Choice("auto", "memory", "dataloader"),
+    "dataset.loader": choice_of(Loader),
     "dataset.cache_size": AnyOf(Null(), Int(1)),
     "dataset.memory_budget": Num(0, 1, open="lo"),
     "dataset.augment": Augment(),
-    "dataset.crop": Choice("auto", "pad", "resized"),
+    "dataset.crop": choice_of(Crop),
     "dataset.pad": AnyOf(Choice("auto"), Int(0)),
-    "dataset.pad_mode": Choice("reflect", "constant", "edge"),
+    "dataset.pad_mode": choice_of(PadMode),
     "dataset.scale": Seq(Num(0, 1, open="lo"), length=2, ordered=True),
     "dataset.cutout": Int(0),
     "dataset.mixup_alpha": NON_NEGATIVE,
@@ -263,7 +282,7 @@ RULES: dict[str, Rule] = {
     "dataset.drop_last": Bool(),
     "dataset.val_fraction": FRACTION,
     "dataset.split_seed": Int(0),
-    "dataset.on_bad_image": Choice("error", "skip"),
+    "dataset.on_bad_image": choice_of(OnBadImage),
     "dataset.max_bad_images": Int(0),
     "dataset.verify_images": Bool(),
     "dataset.download": Bool(),
@@ -271,8 +290,18 @@ RULES: dict[str, Rule] = {
     "dataset.url_prefix": Text(),
     "dataset.md5": AnyOf(Null(), Match(r"[0-9a-f]{32}", "32 hex digits")),
     "dataset.sha256": AnyOf(Null(), Match(r"[0-9a-f]{64}", "64 hex digits")),
-    "dataset.labels": Choice("fine", "coarse"),
-    "dataset.val_split": Choice("val", "test"),
+    "dataset.labels": choice_of(CifarLabels),
+    "dataset.val_split": choice_of(HeldOutSplit),
+    # model (typed by a resnet_cli.config.ModelConfig subclass: create_model's and its builder's keywords)
+    "model.name": Text(),
+    "model.in_channels": Int(1),
+    "model.drop_rate": FRACTION,
+    "model.pretrained": AnyOf(Bool(), Text()),
+    "model.head_hidden": Int(1),
+    "model.head_dropout": FRACTION,
+    "model.shortcut_kernel": OddInt(1),
+    "model.groups": Int(1),
+    "model.width_per_group": Int(1),
     # optimizer (torch.optim constructor arguments)
     "optimizer._target_": Text(),
     "optimizer.lr": POSITIVE,
@@ -389,17 +418,33 @@ def validate(cfg: DictConfig) -> None:
 
 def _check_schema_keys(cfg: DictConfig) -> None:
     """Keys of the typed nodes that their dataclass does not declare (they can only come from '+key=...')."""
-    nodes: Sequence[tuple[str, Any, type]] = (("", cfg, TrainConfig),
-                                              ("trainer.", cfg.get("trainer") if "trainer" in cfg else None,
-                                               TrainerConfig))
-    for prefix, node, schema in nodes:
-        if not isinstance(node, DictConfig):
-            continue
+    for prefix, node, schema in _typed_nodes(cfg):
         known = [f.name for f in dataclasses.fields(schema)]
         for key in node.keys():
-            if key not in known and not (prefix == "" and key == "hydra"):
-                raise UserError(f"unknown config key '{prefix}{key}'{did_you_mean(str(key), known)}: a '+' adds "
-                                f"keys to the untyped groups only (model, dataset, optimizer, scheduler)")
+            if key in known or (prefix == "" and key == "hydra"):
+                continue
+            # The dataset is named by its builder, the model by its name: what the user chose.
+            owner = node.get("name") if prefix == "model." else node.get("_target_")
+            where = (f"{owner} takes no such key (`--cfg job` prints every key)" if prefix in ("dataset.", "model.")
+                     else "a '+' adds keys to the untyped groups only (optimizer, scheduler)")
+            raise UserError(f"unknown config key '{prefix}{key}'{did_you_mean(str(key), known)}: {where}")
+
+
+def _typed_nodes(cfg: DictConfig) -> list[tuple[str, DictConfig, type]]:
+    """(key prefix, node, its dataclass) for the top level and each typed group present in cfg."""
+    nodes = [("", cfg, TrainConfig)]
+    for group, base, by_target in (("trainer", TrainerConfig, {}), ("dataset", DatasetConfig, DATASET_SCHEMAS),
+                                   ("model", ModelConfig, {})):
+        node = cfg.get(group) if group in cfg else None
+        if not isinstance(node, DictConfig):
+            continue
+        schema = OmegaConf.get_type(node)
+        if not (isinstance(schema, type) and issubclass(schema, base)):
+            # A YAML of your own without a schema line: the schema of the builder it names, if it is ours.
+            schema = by_target.get(str(node.get("_target_")), base if group == "trainer" else None)
+        if schema is not None:
+            nodes.append((f"{group}.", node, schema))
+    return nodes
 
 
 def _show(value: Any) -> str:

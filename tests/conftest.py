@@ -66,6 +66,24 @@ def compose(overrides: list[str]):
     return cfg
 
 
+def apply(cfg, overrides: list[str]):
+    """Hydra's own override step (ConfigLoaderImpl._apply_overrides_to_config) on a copy of cfg."""
+    import copy
+
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = copy.deepcopy(cfg)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    ConfigLoaderImpl._apply_overrides_to_config(parsed, cfg)
+    return cfg
+
+
+def dataset_config(name: str):
+    """The dataset node of `dataset=<name>` as resnet-train composes it: the YAML over its schema's defaults."""
+    return compose([f"dataset={name}"]).dataset
+
+
 def fit_inproc(run_dir: Path, overrides: list[str]) -> float:
     """Compose the real config with overrides and run the training task in-process into run_dir."""
     from omegaconf import open_dict

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from hydra.utils import instantiate
 
-from resnet_cli import config_dir
 from resnet_cli.data import BatchSource, DataBundle, build_eval_transform, cifar10, shapes
 from archives import make_cifar10_archive
+from conftest import dataset_config
 
 
 def _batches(src: BatchSource, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -75,8 +75,7 @@ def test_yaml_instantiates(tmp_path, monkeypatch) -> None:
     from omegaconf import OmegaConf
 
     for name, extra in (("shapes", {"num_train": 64, "num_val": 16}), ("cifar10", {"url": url, "md5": md5})):
-        cfg = OmegaConf.load(f"{config_dir()}/dataset/{name}.yaml")
-        cfg = OmegaConf.merge(cfg, extra)
+        cfg = OmegaConf.merge(dataset_config(name), extra)
         bundle = instantiate(cfg)(device="cpu", seed=0, rank=0, world_size=1)
         assert isinstance(bundle, DataBundle) and bundle.summary.startswith(name)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from archives import FLOWER_CLASSES, make_flowers_archive, write_class_folders
-from conftest import fit_inproc, only_run_dir, read_metrics
+from conftest import dataset_config, fit_inproc, only_run_dir, read_metrics
 
 MODEL = "model=resnet20"  # the real CIFAR ResNet config: small and quick at 32 px
 
@@ -207,8 +207,7 @@ def test_every_dataset_yaml_builds_a_bundle(tmp_path, monkeypatch):
     for name in shipped:
         if name not in extra:
             continue
-        cfg = OmegaConf.merge(OmegaConf.load(Path(config_dir(), "dataset", f"{name}.yaml")), extra[name],
-                              {"num_workers": 0})
+        cfg = OmegaConf.merge(dataset_config(name), extra[name], {"num_workers": 0})
         bundle = instantiate(cfg)(device="cpu", seed=0, rank=0, world_size=1)
         assert isinstance(bundle, DataBundle) and bundle.summary.startswith(name), name
         assert set(bundle.eval_spec) == {"resize", "crop", "mean", "std"}

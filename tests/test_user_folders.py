@@ -110,7 +110,7 @@ def test_startup_names_size_crop_rule_and_recipe_in_one_line(cli, tmp_path):
 def test_decoded_cache_is_reused_and_follows_every_change(tmp_path, monkeypatch):
     import importlib
 
-    folder_module = importlib.import_module("resnet_cli.data.imagefolder")  # the module, not the builder
+    files_module = importlib.import_module("resnet_cli.data.images")  # where every image file is opened
 
     root = digits(tmp_path, 32, 30, 10)
     first = imagefolder(root=str(root), batch_size=4)
@@ -120,7 +120,7 @@ def test_decoded_cache_is_reused_and_follows_every_change(tmp_path, monkeypatch)
         raise AssertionError("an image was opened although nothing changed")
 
     with monkeypatch.context() as m:  # a second run opens no image: headers and pixels come from the cache
-        m.setattr(folder_module, "_open_regular", no_reads)
+        m.setattr(files_module, "_open_regular", no_reads)
         second = imagefolder(root=str(root), batch_size=4)
     assert "decoded cache 32 px: hit, no image opened" in second.summary
     assert torch.equal(first.train.images, second.train.images) and torch.equal(first.val.images, second.val.images)

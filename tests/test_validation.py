@@ -9,7 +9,6 @@ configs from the accepted side are then trained for real, in-process.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -22,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY, compose, fit_inproc, read_metrics
+from conftest import TINY, apply, compose, fit_inproc, read_metrics
 
 DRAWS = 240  # property draws per CI run (derandomized: the same draws every time)
 DATASETS = ("shapes", "imagefolder")
@@ -180,17 +179,6 @@ SKIP = {"_target_", "_partial_"}  # constructor plumbing, not user settings
 def base(dataset: str, optimizer: str, scheduler: str):
     """The composed config for one choice of groups (conftest.compose: the entry point's composition)."""
     return compose([f"dataset={dataset}", f"optimizer={optimizer}", f"scheduler={scheduler}"])
-
-
-def apply(cfg, overrides: list[str]):
-    """Hydra's own override step (ConfigLoaderImpl._apply_overrides_to_config) on a copy of cfg."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    cfg = copy.deepcopy(cfg)
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    ConfigLoaderImpl._apply_overrides_to_config(parsed, cfg)
-    return cfg
 
 
 def fmt(value: Any) -> str:

@@ -98,6 +98,4 @@ def cifar100(
     **options: Any,
 ) -> DataBundle:
     """CIFAR-100 with its 100 fine labels (or `labels: coarse`, the 20 superclasses)."""
-    if labels not in ("fine", "coarse"):
-        raise UserError(f"dataset.labels: unknown value '{labels}'; use fine or coarse")
     return _cifar("cifar100", root=root, url=url, md5=md5, download=download, loader=loader, device=device, labels=labels, **options)

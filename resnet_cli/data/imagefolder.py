@@ -1,231 +1,32 @@
-"""Class-folder image datasets (flower_photos, any ImageFolder tree): scan, check, split once, decode safely."""
+"""The class-folder datasets (flower_photos, Oxford 102 Flowers, any ImageFolder tree) as DataBundles.
+
+The builders put the parts together: scan.py finds the classes and checks every file at
+start-up, split.py makes (once) and keeps the train/val split, images.py opens and decodes the
+files; here the geometry and the loader are resolved and the decoded cache is used.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import stat
-import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
-from torchvision.transforms import v2
 
 from resnet_cli.data.cache import FolderCache, stamp
-from resnet_cli.data.contract import DataBundle, mix_seed
+from resnet_cli.data.contract import DataBundle
 from resnet_cli.data.download import fetch_and_extract
-from resnet_cli.data.loader import BadImagePolicy, BadSample
+from resnet_cli.data.images import ImageFiles, Item, channel_stats, decode_split
+from resnet_cli.data.images import decode  # noqa: F401  public here too (imported from this module)
+from resnet_cli.data.loader import BadImagePolicy
 from resnet_cli.data.pipeline import ArraySplit, device_memory, make_bundle
 from resnet_cli.data.policy import choose_loader, resolve_geometry
-from resnet_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, parse_augment, to_rgb
+from resnet_cli.data.scan import check_decodes, check_headers, per_class, resolve_layout, scan, size_range
+from resnet_cli.data.split import MANIFEST_VERSION, read_manifest, split_items, split_name, write_manifest
+from resnet_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, parse_augment
 from resnet_cli.errors import UserError
-from resnet_cli.fileio import is_regular_file, kind_of, write_json
 
 log = logging.getLogger(__name__)
-
-MANIFEST_VERSION = 1
-Item = tuple[str, int]  # (path relative to the data folder, class index)
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
-
-
-def _open_regular(path: str | os.PathLike) -> Image.Image:
-    # A FIFO, socket or device named like an image would block the read: only regular files are opened.
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise OSError(f"not a regular file but {kind_of(mode)}")
-    return Image.open(path)
-
-
-def decode(path: str | os.PathLike) -> Image.Image:
-    """Fully decode an image file into RGB (raises on unreadable, corrupt, truncated or non-regular files)."""
-    with _open_regular(path) as img:
-        img.load()  # decode now, inside the caller's error handling, not lazily in a transform
-        return to_rgb(img)
-
-
-class ImageFiles(Dataset):
-    """(path, label) items as a map-style dataset of (RGB PIL image, label); a bad file gives a BadSample."""
-
-    def __init__(self, root: Path, items: list[Item]) -> None:
-        self.root, self.items = Path(root), list(items)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int] | BadSample:
-        rel, label = self.items[index]
-        path = self.root / rel
-        try:
-            return decode(path), label
-        except Exception as exc:  # noqa: BLE001  any decoder failure is a property of the file, reported by the main process
-            return BadSample(str(path), _reason(exc))
-
-
-@dataclass
-class Scan:
-    """What is in one set of class folders."""
-
-    classes: list[str]
-    files: dict[str, list[str]]  # class -> image paths relative to the data folder, sorted
-    empty: list[str] = field(default_factory=list)
-    non_images: list[str] = field(default_factory=list)
-
-
-def scan(folder: Path, rel_to: Path) -> Scan:
-    """Class folders under `folder`: images per class (torchvision's IMG_EXTENSIONS), empty classes, other files."""
-    try:
-        classes, _ = find_classes(str(folder))
-    except FileNotFoundError:
-        raise UserError(f"{folder} holds no class folders; put one folder of images per class there") from None
-    classes = [c for c in classes if not c.startswith(".")]  # .git, .ipynb_checkpoints, ...: never a class
-    files: dict[str, list[str]] = {}
-    result = Scan(classes, files)
-    for name in classes:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(folder / name):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fn in filenames:
-                if fn.startswith("."):
-                    continue
-                rel = Path(dirpath, fn).relative_to(rel_to).as_posix()
-                (found if has_file_allowed_extension(fn, IMG_EXTENSIONS) else result.non_images).append(rel)
-        files[name] = sorted(found)
-        if not found:
-            result.empty.append(name)
-    return result
-
-
-def stratified_split(files: dict[str, list[str]], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Per class, a seeded shuffle then the first round(fraction * n) files (at least 1 when n >= 2) go to val."""
-    train, val = [], []
-    for name, paths in files.items():
-        # Seeded by the class name, not its position, so adding a class leaves the others' split alone.
-        rng = np.random.default_rng(mix_seed(seed, zlib.crc32(name.encode())))
-        order = rng.permutation(len(paths))
-        k = min(len(paths) - 1, max(1, round(val_fraction * len(paths)))) if len(paths) >= 2 and val_fraction > 0 else 0
-        val += [paths[i] for i in sorted(order[:k])]
-        train += [paths[i] for i in sorted(order[k:])]
-    return train, val
-
-
-def _write_json(path: Path, data: dict) -> bool:
-    try:
-        write_json(path, data, durable=False)  # a lost manifest is recomputed identically, no fsync needed
-        return True
-    except OSError as exc:
-        log.warning("cannot write %s (%s); the split is recomputed (identically) each run", path, exc)
-        return False
-
-
-def _read_json(path: Path) -> dict | None:
-    if not is_regular_file(path):  # absent, or a FIFO that would block the read
-        return None
-    try:
-        data = json.loads(path.read_text())
-        return data if data.get("version") == MANIFEST_VERSION else None
-    except (OSError, ValueError):
-        return None
-
-
-def _header(path: Path) -> tuple[int, int]:
-    with _open_regular(path) as img:  # reads the header only: cheap enough for every file at start-up
-        return img.size
-
-
-def channel_stats(root: Path, paths: list[str], size: int = 64) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std over the train images (decoded, RGB, shorter side `size`), in 0..1 units."""
-    tf = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.ToDtype(torch.float64, scale=True)])
-    total = torch.zeros(3, dtype=torch.float64)
-    sq, count = torch.zeros(3, dtype=torch.float64), 0
-    for rel in paths:
-        try:
-            x = tf(decode(root / rel)).flatten(1)
-        except Exception:  # noqa: BLE001  bad files were already reported by the scan / verify step
-            continue
-        total += x.sum(1)
-        sq += (x**2).sum(1)
-        count += x.shape[1]
-    if not count:
-        raise UserError(f"dataset.mean=auto: no readable train image under {root}")
-    mean = total / count
-    std = (sq / count - mean**2).clamp_min(1e-12).sqrt()
-    return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]
-
-
-def _sizes(root: Path, items: list[Item], policy: BadImagePolicy) -> tuple[list[Item], list[tuple[int, int]]]:
-    # Read every header: catches empty, non-image and unreadable files before training starts.
-    kept, sizes = [], []
-    for rel, label in items:
-        try:
-            sizes.append(_header(root / rel))
-            kept.append((rel, label))
-        except Exception as exc:  # noqa: BLE001  reported through the policy with the file name
-            policy(str(root / rel), _reason(exc))
-    return kept, sizes
-
-
-def _size_range(sizes: list[tuple[int, int]]) -> str:
-    if not sizes:
-        return "no readable images"
-    w, h = np.array(sizes).T
-    lo, hi = f"{w.min()}x{h.min()}", f"{w.max()}x{h.max()}"
-    return f"sizes {lo}" if lo == hi else f"sizes {lo}..{hi}"
-
-
-def _verify(root: Path, items: list[Item], policy: BadImagePolicy) -> list[Item]:
-    kept = []
-    for rel, label in items:
-        try:
-            decode(root / rel)
-            kept.append((rel, label))
-        except Exception as exc:  # noqa: BLE001
-            policy(str(root / rel), _reason(exc))
-    return kept
-
-
-def _cache(root: Path, items: list[Item], size: int, policy: BadImagePolicy) -> ArraySplit:
-    """Decode once into uint8 [N,3,size,size] (shorter side resized to `size`, centre crop) for the memory loader."""
-    tf = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
-    images, labels = [], []
-    for rel, label in items:
-        try:
-            images.append(tf(decode(root / rel)))
-            labels.append(label)
-        except Exception as exc:  # noqa: BLE001
-            policy(str(root / rel), _reason(exc))
-    if not images:
-        return ArraySplit(torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.long))
-    return ArraySplit(torch.stack(images), torch.tensor(labels, dtype=torch.long))
-
-
-# Folders that hold the held-out split, in the order they are looked for (fast.ai's layout uses test/).
-VAL_FOLDERS = ("val", "valid", "validation", "test")
-
-
-def _resolve_layout(root: Path) -> tuple[Path, Path | None]:
-    """(train folder, val folder or None when the set must be split)."""
-    if (root / "train").is_dir():
-        held_out = next((root / name for name in VAL_FOLDERS if (root / name).is_dir()), None)
-        return root / "train", held_out
-    return root, None
-
-
-def _per_class(classes: list[str], train: list[Item], val: list[Item]) -> str:
-    counts = [(np.bincount([c for _, c in s], minlength=len(classes))) for s in (train, val)]
-    parts = [f"{n} {counts[0][i]}/{counts[1][i]}" for i, n in enumerate(classes)]
-    shown = ", ".join(parts[:8]) + (f", ... ({len(parts) - 8} more)" if len(parts) > 8 else "")
-    return f"train/val per class: {shown}"
 
 
 def folder_bundle(
@@ -237,9 +38,7 @@ def folder_bundle(
     **options: Any,
 ) -> DataBundle:
     """Scan, check, split (once, saved as a manifest) and wrap class folders under `root` as a DataBundle."""
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"dataset.val_fraction={val_fraction} must be in [0, 1)")
-    train_dir, val_dir = _resolve_layout(root)
+    train_dir, val_dir = resolve_layout(root)
     tscan = scan(train_dir, root)
     notes: list[str] = []
     if val_dir is not None:
@@ -256,7 +55,7 @@ def folder_bundle(
             notes.append(f"validating on {val_dir.name}/ (no val/ folder)")
     else:
         vscan = None
-        manifest_path = root / f"split-val{val_fraction:g}-seed{split_seed}.json"
+        manifest_path = root / split_name(val_fraction, split_seed)
     # A class with no images in train cannot be learned: drop it (and its val images) and say so.
     classes = [c for c in tscan.classes if c not in tscan.empty]
     if not classes:
@@ -265,25 +64,15 @@ def folder_bundle(
         log.warning("empty class folder %s dropped", train_dir / c)
     if tscan.empty:
         notes.append(f"empty class folders dropped: {', '.join(tscan.empty)}")
-    index = {c: i for i, c in enumerate(classes)}
-    manifest = _read_json(manifest_path) or {}
+    manifest = read_manifest(manifest_path) or {}
     if vscan is None:
-        if manifest.get("train") is None:
-            train_files, val_files = stratified_split({c: tscan.files[c] for c in classes}, val_fraction, split_seed)
-            # Saved by files_bundle once the data has loaded: a failed run leaves nothing in the data folder.
-            manifest = {"version": MANIFEST_VERSION, "val_fraction": val_fraction, "split_seed": split_seed,
-                        "classes": classes, "train": train_files, "val": val_files}
-        on_disk = {p for c in classes for p in tscan.files[c]}
-        listed = set(manifest["train"]) | set(manifest["val"])
-        if listed - on_disk:
-            notes.append(f"{len(listed - on_disk)} files of the split manifest are gone")
-        if on_disk - listed:
-            notes.append(f"{len(on_disk - listed)} new files not in {manifest_path.name} ignored (delete it to re-split)")
         depth = len(train_dir.relative_to(root).parts)  # paths are "<class>/..." or "train/<class>/..."
-        label = lambda p: index.get(Path(p).parts[depth])  # noqa: E731
-        train_items = [(p, label(p)) for p in manifest["train"] if p in on_disk and label(p) is not None]
-        val_items = [(p, label(p)) for p in manifest["val"] if p in on_disk and label(p) is not None]
+        manifest, train_items, val_items, split_notes = split_items(
+            manifest, {c: tscan.files[c] for c in classes}, depth, val_fraction=val_fraction, split_seed=split_seed,
+            manifest_name=manifest_path.name)
+        notes += split_notes
     else:
+        index = {c: i for i, c in enumerate(classes)}
         train_items = [(p, index[c]) for c in classes for p in tscan.files[c]]
         val_items = [(p, index[c]) for c in classes for p in vscan.files[c]]
         if vscan.empty:
@@ -330,7 +119,7 @@ def files_bundle(
     """Check the listed image files (headers, optionally full decodes), resolve the geometry, build either loader."""
     policy = BadImagePolicy(on_bad_image, max_bad_images)
     notes, manifest = list(notes or []), dict(manifest or {})
-    saved_manifest = _read_json(manifest_path) if manifest_path is not None else None
+    saved_manifest = read_manifest(manifest_path) if manifest_path is not None else None
     cache = FolderCache(manifest_path.parent if manifest_path else root,
                         stamp(root, train_items, val_items))
     scanned = None if verify_images else cache.scanned()
@@ -340,10 +129,10 @@ def files_bundle(
         for path, reason in scanned["skipped"].items():
             policy(path, reason)
     else:
-        train_items, train_sizes = _sizes(root, train_items, policy)
-        val_items, _ = _sizes(root, val_items, policy)
+        train_items, train_sizes = check_headers(root, train_items, policy)
+        val_items, _ = check_headers(root, val_items, policy)
         if verify_images:
-            train_items, val_items = _verify(root, train_items, policy), _verify(root, val_items, policy)
+            train_items, val_items = (check_decodes(root, items, policy) for items in (train_items, val_items))
     if not train_items:
         raise UserError(f"{root}: no readable training images")
     if not val_items:
@@ -373,14 +162,14 @@ def files_bundle(
     if policy.skipped:
         notes.append(f"{len(policy.skipped)} bad images skipped")
     summary = (f"{name}: {len(classes)} classes, train {len(train_items)} / val {len(val_items)} images, "
-               f"{_size_range(train_sizes)}; {_per_class(classes, train_items, val_items)}"
+               f"{size_range(train_sizes)}; {per_class(classes, train_items, val_items)}"
                + "".join(f"; {n}" for n in notes))
     bundle = make_bundle(classes, train_set, val_set, loader=loader, device=device, geometry=geometry,
                          loader_why=loader_why, mean=mean, std=std, augment=augment, memory_budget=memory_budget,
                          bad_policy=policy, summary=summary, **options)
     # Written only now that the data has loaded, so a failed start leaves the data folder as it was.
     if manifest_path is not None and manifest and manifest != saved_manifest:
-        _write_json(manifest_path, manifest)
+        write_manifest(manifest_path, manifest)
     if not scanned:
         cache.save_scan({"train": train_items, "val": val_items, "sizes": train_sizes, "skipped": dict(policy.skipped)})
     for split, arr in fresh.items():
@@ -395,7 +184,7 @@ def _decoded(cache: FolderCache, root: Path, split: str, items: list[Item], side
     images = cache.array(split, side)
     if images is not None and len(images) == len(items):
         return ArraySplit(images, labels)
-    arr = _cache(root, items, side, policy)
+    arr = decode_split(root, items, side, policy)
     if len(arr.labels) == len(items):  # a file that failed to decode is skipped, not cached
         fresh[split] = arr
     return arr
@@ -444,8 +233,6 @@ def flowers102(
 
     from resnet_cli.data.download import fetch
 
-    if val_split not in ("val", "test"):
-        raise UserError(f"dataset.val_split: unknown value '{val_split}'; use val or test")
     base = Path(root) / "flowers-102"
     for key, (filename, md5) in Flowers102._file_dict.items():
         if key == "image":

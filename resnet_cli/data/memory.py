@@ -13,8 +13,6 @@ from resnet_cli.data.contract import Batch, epoch_order, generator, mix_seed, nu
 from resnet_cli.data.transforms import BatchMixer
 from resnet_cli.errors import UserError
 
-PAD_MODES = ("reflect", "constant", "edge")
-
 
 class MemorySource:
     """A BatchSource over one uint8 NCHW tensor, augmenting whole batches with torch ops on its device.
@@ -56,8 +54,6 @@ class MemorySource:
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 NCHW images, got {images.dtype} {tuple(images.shape)}")
-        if pad_mode not in PAD_MODES:
-            raise UserError(f"dataset.pad_mode: unknown value '{pad_mode}'; use one of {', '.join(PAD_MODES)}")
         n, c, h, w = images.shape
         self.images, self.labels = images, labels.to(images.device, torch.long)
         self.device = images.device
@@ -66,8 +62,6 @@ class MemorySource:
         room = min(h, w) + (2 * pad if train and augment and crop == "pad" else 0)
         if self.size > room and not (train and augment and crop == "resized"):
             raise UserError(f"dataset.image_size={self.size} is larger than the stored {h}x{w} images plus padding")
-        if crop not in ("pad", "resized"):
-            raise UserError(f"dataset.crop: unknown value '{crop}'; use pad or resized")
         self.crop, self.scale, self.ratio = crop, tuple(float(v) for v in scale), tuple(float(v) for v in ratio)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size

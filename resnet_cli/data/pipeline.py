@@ -74,8 +74,6 @@ def make_bundle(
     """
     arrays = isinstance(train, ArraySplit) and isinstance(val, ArraySplit)
     batch_size, batch_why = resolve_batch(batch_size, len(train.labels) if arrays else len(train))
-    if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
-        raise UserError("dataset.batch_size and dataset.val_batch_size must be >= 1")
     names = parse_augment(augment)
     device = torch.device(device)
     if geometry is None:
@@ -144,8 +142,6 @@ def resolve_workers(num_workers: int | str) -> int:
     """dataset.num_workers: auto = one worker per usable core beyond the first, at most 8."""
     if str(num_workers).lower() == "auto":
         return min(8, max(0, usable_cores() - 1))
-    if int(num_workers) < 0:
-        raise UserError(f"dataset.num_workers={num_workers} must be >= 0 or auto")
     return int(num_workers)
 
 

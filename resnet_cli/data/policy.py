@@ -24,7 +24,6 @@ SMALL_IMAGE_MAX = 64
 # The eval resize for larger images: centre crop = 87.5% of the resized side (ImageNet practice).
 CROP_FRACTION = 0.875
 CROPS = ("auto", "pad", "resized")
-LOADERS = ("auto", "memory", "dataloader")
 # Presets the in-memory batch path implements (geometry and cutout); others run per image.
 MEMORY_AUGMENT = ("none", "standard")
 
@@ -161,8 +160,6 @@ def choose_loader(loader: str, augment: Sequence[str], cache_bytes: int, budget:
     and the decoded uint8 cache fits `budget` x the memory of the device that will hold it.
     """
     loader = str(loader).lower()
-    if loader not in LOADERS:
-        raise UserError(f"dataset.loader={loader}: unknown value; use {', '.join(LOADERS)}")
     per_image = [n for n in augment if n not in MEMORY_AUGMENT]
     if loader == "memory" and per_image:
         raise UserError(f"dataset.augment={'+'.join(augment)} runs per image and needs dataset.loader=dataloader "

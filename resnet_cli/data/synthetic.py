@@ -8,7 +8,6 @@ import torch
 
 from resnet_cli.data.contract import DataBundle, generator
 from resnet_cli.data.pipeline import ArraySplit, array_summary, make_bundle
-from resnet_cli.errors import UserError
 
 # Fixed data key: the images never depend on the training seed, so runs with other
 # seeds train on the same data and compare fairly.
@@ -79,8 +78,6 @@ def shapes(
     **options: Any,
 ) -> DataBundle:
     """The embedded dataset as a DataBundle; `options` are the common dataset keys (see make_bundle)."""
-    if image_size < 8 or num_train < 1 or num_val < 1:
-        raise UserError("dataset.image_size must be >= 8 and dataset.num_train/num_val >= 1")
     options = {"pad": 2, "mean": (0.5, 0.5, 0.5), "std": (0.3, 0.3, 0.3), **options}
     train, val = generate_shapes(num_train, image_size, 0), generate_shapes(num_val, image_size, 1)
     summary = array_summary("shapes", train, val, len(CLASS_NAMES))

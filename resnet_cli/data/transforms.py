@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from resnet_cli.errors import UserError, did_you_mean
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -79,15 +78,8 @@ PRESETS: dict[str, Callable[[int], tuple[list, list]]] = {
 
 
 def parse_augment(augment: str) -> list[str]:
-    """Split 'a+b' into known preset names, or raise a UserError naming the bad one."""
-    names = [n.strip().lower() for n in str(augment).split("+") if n.strip()] or ["none"]
-    for name in names:
-        if name not in PRESETS:
-            raise UserError(
-                f"dataset.augment: unknown preset '{name}'{did_you_mean(name, list(PRESETS))}; "
-                f"choose from {', '.join(PRESETS)} (combine with '+')"
-            )
-    return names
+    """Split 'a+b' into preset names (validate.py has checked each against PRESETS)."""
+    return [n.strip().lower() for n in str(augment).split("+") if n.strip()] or ["none"]
 
 
 def build_train_transform(
@@ -111,10 +103,8 @@ def build_train_transform(
     if names != ["none"]:
         if crop == "pad":
             pre += [v2.RandomCrop(image_size, padding=pad or None, padding_mode=pad_mode, pad_if_needed=True)]
-        elif crop == "resized":
+        else:  # resized (the geometry has resolved crop=auto)
             pre += [v2.RandomResizedCrop(image_size, scale=tuple(scale), antialias=True)]
-        else:
-            raise UserError(f"dataset.crop: unknown value '{crop}'; use pad or resized")
         pre += [v2.RandomHorizontalFlip()]
     else:
         pre += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
@@ -150,8 +140,6 @@ class BatchMixer:
 
 def make_mixer(num_classes: int, mixup_alpha: float, cutmix_alpha: float) -> BatchMixer | None:
     """A BatchMixer, or None when both alphas are 0."""
-    if mixup_alpha < 0 or cutmix_alpha < 0:
-        raise UserError("dataset.mixup_alpha and dataset.cutmix_alpha must be >= 0 (0 turns each off)")
     if not (mixup_alpha or cutmix_alpha):
         return None
     return BatchMixer(num_classes, mixup_alpha, cutmix_alpha)

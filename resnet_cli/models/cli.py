@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("model", nargs="?", help="one model to show (--summary, the default, or --print)")
     parser.add_argument("keys", nargs="*", metavar="key=value",
-                        help="that model's keys (configs/model/<name>.yaml), e.g. head=mlp freeze_backbone=true")
+                        help="that model's keys (resnet-train model=<name> --cfg job lists them), e.g. head=mlp groups=32")
     parser.add_argument("--summary", action="store_true",
                         help="per-layer output shapes and parameter counts for one image at --size "
                              "(torchinfo if installed: pip install 'resnet-cli[summary]')")

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from resnet_cli.models.layers import conv1x1
 from resnet_cli.models.registry import register_model
-from resnet_cli.models.resnet import ResNet, _Block
+from resnet_cli.models.resnet import ResNet, _Block, variant
 
 
 class SplitAttention(nn.Module):
@@ -81,4 +81,4 @@ class ResNeStBottleneck(_Block):
 @register_model(family="ResNeSt", paper="Zhang et al. 2020, arXiv:2004.08955")
 def resnest50(**kwargs: Any) -> ResNet:
     """ResNeSt-50 (radix 2, cardinality 1, width 64): deep stem, average-pool shortcuts."""
-    return ResNet(ResNeStBottleneck, [3, 4, 6, 3], deep_stem=True, shortcut="avg", block_args={"radix": 2}, **kwargs)
+    return variant(ResNeStBottleneck, [3, 4, 6, 3], kwargs, deep_stem=True, shortcut="avg", block_args={"radix": 2})

@@ -291,6 +291,11 @@ class ResNet(nn.Module):
         return self.fc(self.dropout(x))
 
 
+def variant(block: type[_Block], layers: Sequence[int], kwargs: dict[str, Any], **defining: Any) -> ResNet:
+    """The trunk with a variant's defining keywords (groups, attn, ...), each of which a config may override."""
+    return ResNet(block, layers, **{**defining, **kwargs})
+
+
 _resnet = register_model(family="ResNet", paper="He et al. 2015, arXiv:1512.03385")
 _resnext = register_model(family="ResNeXt", paper="Xie et al. 2017, arXiv:1611.05431")
 _wide = register_model(family="Wide ResNet", paper="Zagoruyko & Komodakis 2016, arXiv:1605.07146")
@@ -332,73 +337,73 @@ def resnet152(**kwargs: Any) -> ResNet:
 @_resnext
 def resnext50_32x4d(**kwargs: Any) -> ResNet:
     """ResNeXt-50 32x4d: cardinality 32, 4 channels per group."""
-    return ResNet(Bottleneck, [3, 4, 6, 3], groups=32, width_per_group=4, **kwargs)
+    return variant(Bottleneck, [3, 4, 6, 3], kwargs, groups=32, width_per_group=4)
 
 
 @_resnext
 def resnext101_32x8d(**kwargs: Any) -> ResNet:
     """ResNeXt-101 32x8d."""
-    return ResNet(Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=8, **kwargs)
+    return variant(Bottleneck, [3, 4, 23, 3], kwargs, groups=32, width_per_group=8)
 
 
 @_resnext
 def resnext101_64x4d(**kwargs: Any) -> ResNet:
     """ResNeXt-101 64x4d."""
-    return ResNet(Bottleneck, [3, 4, 23, 3], groups=64, width_per_group=4, **kwargs)
+    return variant(Bottleneck, [3, 4, 23, 3], kwargs, groups=64, width_per_group=4)
 
 
 @_wide
 def wide_resnet50_2(**kwargs: Any) -> ResNet:
     """Wide ResNet-50-2: bottlenecks twice as wide."""
-    return ResNet(Bottleneck, [3, 4, 6, 3], width_per_group=128, **kwargs)
+    return variant(Bottleneck, [3, 4, 6, 3], kwargs, width_per_group=128)
 
 
 @_wide
 def wide_resnet101_2(**kwargs: Any) -> ResNet:
     """Wide ResNet-101-2."""
-    return ResNet(Bottleneck, [3, 4, 23, 3], width_per_group=128, **kwargs)
+    return variant(Bottleneck, [3, 4, 23, 3], kwargs, width_per_group=128)
 
 
 @_se
 def seresnet18(**kwargs: Any) -> ResNet:
     """SE-ResNet-18: squeeze-excitation (reduction 16) on every residual branch."""
-    return ResNet(BasicBlock, [2, 2, 2, 2], attn="se", **kwargs)
+    return variant(BasicBlock, [2, 2, 2, 2], kwargs, attn="se")
 
 
 @_se
 def seresnet34(**kwargs: Any) -> ResNet:
     """SE-ResNet-34."""
-    return ResNet(BasicBlock, [3, 4, 6, 3], attn="se", **kwargs)
+    return variant(BasicBlock, [3, 4, 6, 3], kwargs, attn="se")
 
 
 @_se
 def seresnet50(**kwargs: Any) -> ResNet:
     """SE-ResNet-50."""
-    return ResNet(Bottleneck, [3, 4, 6, 3], attn="se", **kwargs)
+    return variant(Bottleneck, [3, 4, 6, 3], kwargs, attn="se")
 
 
 @_se
 def seresnet101(**kwargs: Any) -> ResNet:
     """SE-ResNet-101."""
-    return ResNet(Bottleneck, [3, 4, 23, 3], attn="se", **kwargs)
+    return variant(Bottleneck, [3, 4, 23, 3], kwargs, attn="se")
 
 
 @_se
 def seresnet152(**kwargs: Any) -> ResNet:
     """SE-ResNet-152."""
-    return ResNet(Bottleneck, [3, 8, 36, 3], attn="se", **kwargs)
+    return variant(Bottleneck, [3, 8, 36, 3], kwargs, attn="se")
 
 
 @_sex
 def seresnext50_32x4d(**kwargs: Any) -> ResNet:
     """SE-ResNeXt-50 32x4d."""
-    return ResNet(Bottleneck, [3, 4, 6, 3], groups=32, width_per_group=4, attn="se", **kwargs)
+    return variant(Bottleneck, [3, 4, 6, 3], kwargs, groups=32, width_per_group=4, attn="se")
 
 
 @_sex
 def seresnext101_32x4d(**kwargs: Any) -> ResNet:
     """SE-ResNeXt-101 32x4d."""
-    return ResNet(Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4, attn="se", **kwargs)
+    return variant(Bottleneck, [3, 4, 23, 3], kwargs, groups=32, width_per_group=4, attn="se")
 
 
 @_preact

@@ -1,0 +1,105 @@
+"""What a folder tree holds: its class folders and their images, the held-out split, and the start-up check.
+
+Every listed file's header is read before training (and, with verify_images, every file is
+decoded), so an empty, truncated or non-image file is reported by name at start-up, through
+the bad-image policy, instead of stopping a run hours in.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
+
+from resnet_cli.data.images import Item, decode, read_size, reason
+from resnet_cli.data.loader import BadImagePolicy
+from resnet_cli.errors import UserError
+
+# Folders that hold the held-out split, in the order they are looked for (fast.ai's layout uses test/).
+VAL_FOLDERS = ("val", "valid", "validation", "test")
+
+
+@dataclass
+class Scan:
+    """What is in one set of class folders."""
+
+    classes: list[str]
+    files: dict[str, list[str]]  # class -> image paths relative to the data folder, sorted
+    empty: list[str] = field(default_factory=list)
+    non_images: list[str] = field(default_factory=list)
+
+
+def scan(folder: Path, rel_to: Path) -> Scan:
+    """Class folders under `folder`: images per class (torchvision's IMG_EXTENSIONS), empty classes, other files."""
+    try:
+        classes, _ = find_classes(str(folder))
+    except FileNotFoundError:
+        raise UserError(f"{folder} holds no class folders; put one folder of images per class there") from None
+    classes = [c for c in classes if not c.startswith(".")]  # .git, .ipynb_checkpoints, ...: never a class
+    files: dict[str, list[str]] = {}
+    result = Scan(classes, files)
+    for name in classes:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(folder / name):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in filenames:
+                if fn.startswith("."):
+                    continue
+                rel = Path(dirpath, fn).relative_to(rel_to).as_posix()
+                (found if has_file_allowed_extension(fn, IMG_EXTENSIONS) else result.non_images).append(rel)
+        files[name] = sorted(found)
+        if not found:
+            result.empty.append(name)
+    return result
+
+
+def resolve_layout(root: Path) -> tuple[Path, Path | None]:
+    """(train folder, val folder or None when the set must be split)."""
+    if (root / "train").is_dir():
+        held_out = next((root / name for name in VAL_FOLDERS if (root / name).is_dir()), None)
+        return root / "train", held_out
+    return root, None
+
+
+def check_headers(root: Path, items: list[Item], policy: BadImagePolicy) -> tuple[list[Item], list[tuple[int, int]]]:
+    """The items whose header reads, with their (width, height); each other file goes to the policy."""
+    kept, sizes = [], []
+    for rel, label in items:
+        try:
+            sizes.append(read_size(root / rel))
+            kept.append((rel, label))
+        except Exception as exc:  # noqa: BLE001  reported through the policy with the file name
+            policy(str(root / rel), reason(exc))
+    return kept, sizes
+
+
+def check_decodes(root: Path, items: list[Item], policy: BadImagePolicy) -> list[Item]:
+    """The items that decode completely (dataset.verify_images); each other file goes to the policy."""
+    kept = []
+    for rel, label in items:
+        try:
+            decode(root / rel)
+            kept.append((rel, label))
+        except Exception as exc:  # noqa: BLE001
+            policy(str(root / rel), reason(exc))
+    return kept
+
+
+def size_range(sizes: list[tuple[int, int]]) -> str:
+    """'sizes WxH' or 'sizes WxH..WxH' for the start-up summary."""
+    if not sizes:
+        return "no readable images"
+    w, h = np.array(sizes).T
+    lo, hi = f"{w.min()}x{h.min()}", f"{w.max()}x{h.max()}"
+    return f"sizes {lo}" if lo == hi else f"sizes {lo}..{hi}"
+
+
+def per_class(classes: list[str], train: list[Item], val: list[Item]) -> str:
+    """'train/val per class: a 10/2, b 9/3, ...' (the first eight classes) for the start-up summary."""
+    counts = [(np.bincount([c for _, c in s], minlength=len(classes))) for s in (train, val)]
+    parts = [f"{n} {counts[0][i]}/{counts[1][i]}" for i, n in enumerate(classes)]
+    shown = ", ".join(parts[:8]) + (f", ... ({len(parts) - 8} more)" if len(parts) > 8 else "")
+    return f"train/val per class: {shown}"
