@@ -320,6 +320,9 @@ class Trainer:
             self.stop.close()
         if self.tracker is not None:
             self.tracker.close()
+        close = getattr(self.calibration, "close", None)
+        if close is not None:
+            close()  # its DataLoader workers, like the train and val loaders' (build.close_data)
 
     def dry_run(self) -> float:
         """Print the plan (parameters, MACs, steps, device, precision, memory format) and stop."""
