@@ -34,13 +34,15 @@ HEADER = re.compile(r"epoch\s+train_loss\s+train_acc")
 HAND = re.compile(r"train_img_s ([\d.]+)")
 
 
-def _env() -> dict:
+def _env(cache: Path | None = None) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("OMP_NUM_THREADS", None)  # as a user's shell runs both
+    if cache is not None:  # resnet-train's decoded cache: the bench's own, so "cold" really starts without one
+        env["RESNET_CLI_CACHE"] = str(cache)
     return env
 
 
-def run_ours(folder: Path, out: Path, batches: int) -> tuple[float, float]:
+def run_ours(folder: Path, out: Path, batches: int, cache: Path) -> tuple[float, float]:
     """(seconds from process start to the first training step, training images/s) of one resnet-train run."""
     outputs = out / f"ours-{time.time_ns()}"
     cmd = [str(Path(sys.executable).parent / "resnet-train"), "dataset=imagefolder", f"dataset.root={folder}",
@@ -48,7 +50,7 @@ def run_ours(folder: Path, out: Path, batches: int) -> tuple[float, float]:
            f"output_root={outputs}"]
     start = time.perf_counter()
     startup = None
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(cache))
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -85,12 +87,13 @@ def main() -> None:
         if args.only and spec.name not in args.only.split(","):
             continue
         folder = build_folder(args.root, spec)
-        shutil.rmtree(folder / ".resnet-cache", ignore_errors=True)
-        cold, _ = run_ours(folder, out, 1)
+        cache = out / f"cache-{spec.name}"
+        shutil.rmtree(cache, ignore_errors=True)
+        cold, _ = run_ours(folder, out, 1, cache)
         ours, hand, warm = [], [], []
         for _ in range(args.repeats):
             hand.append(run_hand(folder, args.batches))
-            t, rate = run_ours(folder, out, args.batches)
+            t, rate = run_ours(folder, out, args.batches, cache)
             warm.append(t)
             ours.append(rate)
             print(f"{spec.name}: hand {hand[-1]:.1f} img/s, resnet-train {rate:.1f} img/s, start-up cold {cold:.1f} s "

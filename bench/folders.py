@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -209,6 +210,10 @@ def bench_folder(folder: Path, epochs: int, out: Path, extra: list[str]) -> dict
     """resnet-train (defaults) and the hand loop on one folder; their per-epoch (time, accuracy) points."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("OMP_NUM_THREADS", None)  # both get the machine as a user's shell gives it
+    # A user's first run: no decoded cache from an earlier run (the hand loop decodes every epoch).
+    cache = out / f"cache-{folder.name}"
+    shutil.rmtree(cache, ignore_errors=True)
+    env["RESNET_CLI_CACHE"] = str(cache)
     train_cmd = [str(Path(sys.executable).parent / "resnet-train"), "dataset=imagefolder", f"dataset.root={folder}",
                  f"trainer.epochs={epochs}", f"output_root={out / 'outputs'}", *extra]
     hand_cmd = [sys.executable, str(HERE / "hand_loop.py"), str(folder), str(epochs)]
