@@ -80,6 +80,7 @@ def build_training_model(cfg: Any, rt: "Runtime", num_classes: int, image_size: 
 
     tcfg = cfg.trainer
     raw = build_model(cfg.model, num_classes, image_size).to(rt.device, memory_format=rt.memory_format)
+    _avoid_bf16_grad_hazard(raw, rt, image_size, tcfg.precision)
     if rt.distributed and tcfg.sync_batchnorm:
         if rt.device.type != "cuda":
             raise UserError("trainer.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm has no "
@@ -92,6 +93,27 @@ def build_training_model(cfg: Any, rt: "Runtime", num_classes: int, image_size: 
     if tcfg.compile:
         model = torch.compile(model)
     return raw, model
+
+
+def _avoid_bf16_grad_hazard(raw: nn.Module, rt: "Runtime", image_size: int, asked: Any) -> None:
+    # CPU bf16 gives NaN weight gradients for strided convs on 1x1 maps (runtime.bf16_grad_hazard):
+    # `auto` trains such a net in fp32 and says why; an explicit bf16 is kept, with a warning.
+    import logging
+
+    from resnet_cli.runtime import bf16_grad_hazard
+
+    if rt.precision != "bf16" or rt.device.type != "cpu":
+        return
+    conv = bf16_grad_hazard(raw, image_size, rt.device)
+    if conv is None:
+        return
+    if str(getattr(asked, "value", asked)) == "auto":
+        rt.precision = "fp32"
+        rt.why["precision"] = f"auto: CPU bf16 weight gradients of {conv} on 1x1 maps at {image_size} px are unreliable"
+    else:
+        logging.getLogger("resnet_cli").warning(
+            "trainer.precision=bf16: %s sees 1x1 maps at %d px, where CPU bf16 weight gradients can come out NaN; "
+            "use trainer.precision=auto (fp32 here) or a larger dataset.image_size", conv, image_size)
 
 
 def build_optimizer(cfg: Any, model: nn.Module) -> "torch.optim.Optimizer":

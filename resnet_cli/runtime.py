@@ -68,12 +68,46 @@ def _device_name(device: torch.device) -> str:
     return f"{torch.get_num_threads()} CPU threads"
 
 
+# oneDNN ISA levels (ONEDNN_MAX_CPU_ISA) below which its bf16 kernels fall back to slow emulation.
+_ONEDNN_NO_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
 def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    """Whether this CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX) that oneDNN may use.
+
+    An ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (set to pin kernels, or to emulate an older CPU)
+    turns them off: bf16 would then run emulated, several times slower than fp32.
+    """
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_NO_BF16:
+        return False
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def bf16_grad_hazard(model: torch.nn.Module, image_size: int, device: torch.device) -> str | None:
+    """The first strided conv that sees 1-pixel maps at `image_size` (its name), or None.
+
+    oneDNN's bf16 weight gradient of such a conv (a 3x3 stride-2 conv on a 1x1 map: the last stage
+    of an ImageNet-stem net at 16 px) intermittently comes out NaN on CPUs with AVX-512 BF16,
+    while fp32 is exact (measured: 2-4 of 30 tries). Found by one eval-mode forward of a blank image.
+    """
+    found: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda m, args, name=name: found.append(name)
+                                         if min(args[0].shape[-2:]) == 1 and max(m.stride) > 1 else None)
+             for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Conv2d) and max(m.kernel_size) > 1]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return found[0] if found else None
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -83,9 +83,10 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Iterator["Trainer"]:
         if rt.is_main:
             if data.summary:
                 log.info("data: %s", data.summary)
-            log.info("runtime: %s", rt.describe())
         plan = Plan.of(cfg.trainer, len(data.train), data.train.batch_size, data.train.num_samples)
         raw, model = build.build_training_model(cfg, rt, len(data.class_names), data.eval_spec["crop"])
+        if rt.is_main:  # after the model: its shapes can overrule precision auto (build._avoid_bf16_grad_hazard)
+            log.info("runtime: %s", rt.describe())
         parts = build.build_parts(cfg, rt, raw, model, steps_per_epoch=plan.steps_per_epoch)
         settings = build.build_settings(cfg, rt)
         if rt.is_main:

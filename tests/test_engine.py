@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import sys
@@ -99,7 +100,9 @@ def test_ema_is_checkpointed_evaluated_and_logged(train_inproc):
 
 def test_grad_accumulation_matches_the_doubled_batch(train_inproc):
     """accum 2 x batch 16 == batch 32 on a BN-free model: the same samples, the same updates."""
-    common = ("model=simple_cnn", "trainer.deterministic=true", "optimizer=sgd", "scheduler=cosine")
+    # fp32: the two are equal up to fp32 rounding; bf16 (auto on AVX-512 BF16 CPUs) rounds each half-batch apart.
+    common = ("model=simple_cnn", "trainer.deterministic=true", "optimizer=sgd", "scheduler=cosine",
+              "trainer.precision=fp32")
     _, big = train_inproc(*common, "dataset.batch_size=32")
     _, acc = train_inproc(*common, "dataset.batch_size=16", "trainer.grad_accum_steps=2")
     a = torch.load(big / "last.pt", weights_only=True)
@@ -290,3 +293,36 @@ def test_best_is_a_second_name_for_last_and_keeps_its_bytes(train_inproc):
     assert (run / "best.pt").read_bytes() == before and (run / "last.pt").read_bytes() == b"a later epoch"
     atomic_link(run / "last.pt", run / "best.pt")
     assert (run / "best.pt").read_bytes() == b"a later epoch"
+
+
+def test_bf16_auto_is_off_when_onednn_is_capped_below_avx512_bf16(monkeypatch):
+    from resnet_cli import runtime
+
+    # A CPU without AVX-512 BF16 (or one whose oneDNN kernels are pinned below it) must train in fp32:
+    # emulated bf16 convolutions are several times slower than fp32 ones.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert runtime.cpu_supports_bf16() is False
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    native = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert runtime.cpu_supports_bf16() is native  # a cap at or above bf16 leaves the hardware's answer
+
+
+def test_bf16_auto_falls_back_to_fp32_where_a_strided_conv_sees_1x1_maps(train_inproc, monkeypatch, caplog):
+    from resnet_cli import runtime
+    from resnet_cli.models import create_model
+
+    cpu = torch.device("cpu")
+    # The ImageNet stem at 16 px leaves layer4's stride-2 3x3 conv a 1x1 map: oneDNN's bf16 weight
+    # gradient there comes out NaN now and then. At 32 px, or with the CIFAR stem, nothing is flagged.
+    assert runtime.bf16_grad_hazard(create_model("resnet50", 10, image_size=16, stem="imagenet"), 16, cpu) == \
+        "layer4.0.conv2"
+    assert runtime.bf16_grad_hazard(create_model("resnet50", 10, image_size=32, stem="imagenet"), 32, cpu) is None
+    assert runtime.bf16_grad_hazard(create_model("resnet18", 10, image_size=32), 32, cpu) is None
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)  # as on an AVX-512 BF16 CPU, on any CPU
+    caplog.set_level(logging.INFO, logger="resnet_cli")
+    _, run = train_inproc("model=resnet50", "model.stem=imagenet", "dataset.num_train=16", "dataset.num_val=8",
+                          "dataset.batch_size=4", "trainer.limit_train_batches=2")
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("runtime: "))
+    assert "precision fp32 (auto: CPU bf16 weight gradients of layer4.0.conv2 on 1x1 maps at 16 px" in line, line
+    assert all(math.isfinite(r["train_loss"]) for r in read_metrics(run)["history"])

@@ -30,7 +30,8 @@ pytestmark = needs_proc
 # 256 images / (2 x 16) = 8 steps per epoch, 2 epochs; a checkpoint (and its log line) after every step.
 RUN = {**dict(item.split("=", 1) for item in TINY), "model": "simple_cnn", "trainer.epochs": "2",
        "optimizer": "sgd", "scheduler": "cosine", "dataset.batch_size": "16", "trainer.deterministic": "true",
-       "trainer.checkpoint_every_n_steps": "1", "trainer.log_every_n_steps": "1"}
+       "trainer.checkpoint_every_n_steps": "1", "trainer.log_every_n_steps": "1",
+       "trainer.precision": "fp32"}  # the equalities hold up to fp32 rounding; bf16 (auto on some CPUs) rounds coarser
 STEPS = 2 * 256 // 32
 ACC_TOL = 1 / 128  # validation accuracy within one image of 128
 WEIGHT_ATOL = 1e-4

@@ -75,11 +75,14 @@ def _recalibrated(run_dir, images: int) -> tuple[dict, dict]:
 
 
 def test_the_saved_weights_carry_the_statistics_they_were_validated_with(train_inproc):
-    _, run = train_inproc("model=resnet20", "trainer.limit_train_batches=3", "trainer.precise_bn_images=48")
+    # fp32, as the recomputation below: the statistics are compared to 1e-4.
+    _, run = train_inproc("model=resnet20", "trainer.limit_train_batches=3", "trainer.precise_bn_images=48",
+                          "trainer.precision=fp32")
     saved, recomputed = _recalibrated(run, 48)
     for key in saved:
         torch.testing.assert_close(saved[key], recomputed[key], rtol=1e-4, atol=1e-5)
 
-    _, run = train_inproc("model=resnet20", "trainer.limit_train_batches=3", "trainer.precise_bn_images=0")
+    _, run = train_inproc("model=resnet20", "trainer.limit_train_batches=3", "trainer.precise_bn_images=0",
+                          "trainer.precision=fp32")
     saved, recomputed = _recalibrated(run, 48)
     assert not all(torch.allclose(saved[k], recomputed[k], rtol=1e-4, atol=1e-5) for k in saved)

@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
 from conftest import TINY, fit_inproc, read_metrics
+from resnet_cli.runtime import resolve_precision
 
 OVERRIDES = ["model=resnet20", "optimizer=adam", "optimizer.lr=0.003", "trainer.epochs=2",
              "dataset.num_train=128", "dataset.num_val=64"]
@@ -144,7 +145,7 @@ def test_hparams_hold_the_settings_overrides_and_final_metrics(run):
     # The settings that define a run, overridden or not; image size and precision as resolved.
     expected = {"model": "resnet20", "dataset": "shapes", "optimizer": "adam", "scheduler": "onecycle",
                 "scheduler.max_lr": pytest.approx(0.003), "dataset.batch_size": 32, "trainer.epochs": 2,
-                "dataset.augment": "standard", "image_size": 16, "precision": "fp32", "trainer.seed": 42,
+                "dataset.augment": "standard", "image_size": 16, "precision": resolve_precision("auto", torch.device("cpu")), "trainer.seed": 42,
                 "name": "default"}
     for key, value in expected.items():
         assert hparams.get(key) == value, (key, hparams.get(key))

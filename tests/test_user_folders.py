@@ -24,6 +24,7 @@ from folders import FolderSpec, build_folder  # noqa: E402
 from resnet_cli.data import imagefolder  # noqa: E402
 from resnet_cli.data.policy import resolve_geometry  # noqa: E402
 from resnet_cli.errors import UserError  # noqa: E402
+from resnet_cli.runtime import resolve_precision  # noqa: E402
 
 QUICK = ["trainer.device=cpu", "trainer.progress=false", "trainer.log_every_n_steps=1"]
 
@@ -104,7 +105,9 @@ def test_startup_names_size_crop_rule_and_recipe_in_one_line(cli, tmp_path):
                    "batch 16 (auto: 70 images, 4 steps per epoch)"):
         assert phrase in plan[0], plan[0]
     runtime = next(line for line in res.stdout.splitlines() if "runtime: " in line)
-    assert "memory format channels_last (auto:" in runtime and "precision fp32 (auto:" in runtime
+    # The precision auto picks depends on the CPU: bf16 with AVX-512 BF16 or AMX, else fp32.
+    expected = resolve_precision("auto", torch.device("cpu"))
+    assert "memory format channels_last (auto:" in runtime and f"precision {expected} (auto:" in runtime
 
 
 def test_decoded_cache_is_reused_and_follows_every_change(tmp_path, monkeypatch):
