@@ -34,7 +34,9 @@ RUN = {**dict(item.split("=", 1) for item in TINY), "model": "simple_cnn", "trai
        "trainer.precision": "fp32"}  # the equalities hold up to fp32 rounding; bf16 (auto on some CPUs) rounds coarser
 STEPS = 2 * 256 // 32
 ACC_TOL = 1 / 128  # validation accuracy within one image of 128
-WEIGHT_ATOL = 1e-4
+# 2e-3: the noise floor of summation order. On an AVX-512 CPU the same single-process run with 1 and with 2
+# threads ends 8.3e-4 apart after these 16 SGD steps (under 1e-4 on AVX2); the train loss still agrees to 1e-4.
+WEIGHT_ATOL = 2e-3
 # Bounds, not sleeps: the whole two-node run takes ~20 s here; a dead peer is noticed in seconds.
 RUN_TIMEOUT_S = 240
 SURVIVOR_TIMEOUT_S = 90
@@ -141,7 +143,7 @@ def test_two_nodes_train_like_one_process_and_a_killed_node_resumes_exactly(clus
     a, b = final_state(full), final_state(single)
     assert a["global_step"] == b["global_step"] == STEPS
     for key, value in b["model"].items():
-        torch.testing.assert_close(a["model"][key], value, rtol=0, atol=WEIGHT_ATOL, msg=key)
+        torch.testing.assert_close(a["model"][key], value, rtol=0, atol=WEIGHT_ATOL, msg=lambda m, k=key: f"{k}: {m}")
 
     # 2. The same run with trainer.resume=auto; node 0 (rank 0, and the rendezvous store) is killed
     # right after the mid-epoch checkpoint of epoch 1 step 5.
