@@ -1,10 +1,12 @@
-"""channels_last against contiguous for training steps on this machine: the table behind `channels_last: auto`.
+channels_last against contiguous (or bf16 against fp32) for training steps here: the tables behind the `auto`s.
 
-    python bench/bench_memory_format.py [--repeats 3] [--steps 3] [--device cpu]
+    python bench/bench_memory_format.py [--compare memory_format|precision] [--repeats 3] [--steps 3] [--device cpu]
 
-For each (model, image size, batch) it times forward + backward + AdamW step in both memory
-formats, interleaved `--repeats` times so both see the same machine load, in the precision
-`precision: auto` picks here, and prints images/s and the ratio channels_last / contiguous.
+For each (model, image size, batch) it times forward + backward + AdamW step both ways,
+interleaved `--repeats` times so both see the same machine load, and prints images/s and
+the ratio. `memory_format` (the default): contiguous against channels_last, in the precision
+`precision: auto` picks here. `precision`: fp32 against bf16 autocast, both channels_last
+(on a CPU without AVX-512 BF16 or AMX, bf16 is emulated and slower: why auto picks fp32 there).
 """
 
 from __future__ import annotations
@@ -46,23 +48,27 @@ def step_rate(name: str, size: int, batch: int, channels_last: bool, rt: Runtime
 def main() -> None:
     """Print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compare", choices=("memory_format", "precision"), default="memory_format")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
-    rt = Runtime(device, resolve_precision("auto", device), False)
-    print(f"device {device}, precision {rt.precision}, {torch.get_num_threads()} threads")
-    print("| model | px | batch | contiguous img/s | channels_last img/s | ratio |")
+    auto = resolve_precision("auto", device)
+    if args.compare == "precision":  # (label, runtime, channels_last) of the two sides
+        sides = [("fp32", Runtime(device, "fp32", True), True), ("bf16", Runtime(device, "bf16", True), True)]
+    else:
+        sides = [("contiguous", Runtime(device, auto, False), False), ("channels_last", Runtime(device, auto, True), True)]
+    print(f"device {device}, precision auto = {auto}, {torch.get_num_threads()} threads")
+    print(f"| model | px | batch | {sides[0][0]} img/s | {sides[1][0]} img/s | ratio |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, size, batch in CASES:
-        rates: dict[bool, list[float]] = {False: [], True: []}
+        rates: list[list[float]] = [[], []]
         for _ in range(args.repeats):
-            for cl in (False, True):
-                rates[cl].append(step_rate(name, size, batch, cl, rt, args.steps))
-        c, n = sum(rates[False]) / args.repeats, sum(rates[True]) / args.repeats
-        print(f"| {name} | {size} | {batch} | {c:.1f} | {n:.1f} | **{n / c:.2f}x** |", flush=True)
-
+            for i, (_, rt, cl) in enumerate(sides):
+                rates[i].append(step_rate(name, size, batch, cl, rt, args.steps))
+        a, b = (sum(r) / args.repeats for r in rates)
+        print(f"| {name} | {size} | {batch} | {a:.1f} | {b:.1f} | **{b / a:.2f}x** |", flush=True)
 
 if __name__ == "__main__":
     main()
