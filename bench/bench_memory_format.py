@@ -1,4 +1,4 @@
-channels_last against contiguous (or bf16 against fp32) for training steps here: the tables behind the `auto`s.
+"""channels_last against contiguous (or bf16 against fp32) for training steps: the tables behind the `auto`s.
 
     python bench/bench_memory_format.py [--compare memory_format|precision] [--repeats 3] [--steps 3] [--device cpu]
 
