@@ -53,7 +53,7 @@ class TrainerConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # weight EMA per optimizer step; 0 = off, e.g. 0.999
-    precise_bn_images: int = 256  # before each validation, BatchNorm statistics from this many train images; 0 = off
+    precise_bn_images: int = 256  # before each validation, BN statistics from this many train images (<= 1/4); 0 = off
     warmup_epochs: float = 0.0  # linear warm-up before an epoch/step schedule (not OneCycle)
     weight_decay_norm_bias: bool = True  # false = no weight decay on norm weights and biases
     backbone_lr_scale: float = 1.0  # lr multiplier for everything but the classifier (fine-tuning)

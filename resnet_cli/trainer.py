@@ -149,7 +149,8 @@ class Trainer:
         self.show_bar, self.lines_every = False, 0  # rank 0 shows progress (open_run)
         self.pace, self.started = _Pace(0), time.perf_counter()
         # Fixed training images (eval view) that re-estimate BatchNorm statistics before each validation.
-        calib = min(int(cfg.trainer.precise_bn_images), data.train.num_samples * self.rt.world_size)
+        train_images = data.train.num_samples * self.rt.world_size
+        calib = engine.calibration_images(int(cfg.trainer.precise_bn_images), train_images)
         self.calibration = data.calibration(calib) if calib > 0 and data.calibration is not None else None
 
     # -- the run ---------------------------------------------------------------------------------

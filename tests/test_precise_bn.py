@@ -86,3 +86,11 @@ def test_the_saved_weights_carry_the_statistics_they_were_validated_with(train_i
                           "trainer.precision=fp32")
     saved, recomputed = _recalibrated(run, 48)
     assert not all(torch.allclose(saved[k], recomputed[k], rtol=1e-4, atol=1e-5) for k in saved)
+
+
+def test_calibration_is_at_most_a_quarter_of_a_small_training_set():
+    # The re-estimate is a forward pass: over 256 of 320 images it cost a third of the epoch's training.
+    assert engine.calibration_images(256, 320) == 80
+    assert engine.calibration_images(256, 1024) == 256 and engine.calibration_images(256, 50_000) == 256
+    assert engine.calibration_images(256, 100) == 64 and engine.calibration_images(256, 40) == 40
+    assert engine.calibration_images(48, 256) == 48 and engine.calibration_images(0, 5000) == 0
