@@ -355,8 +355,8 @@ def _keep_most_confident_wrong(wrong: dict, images, conf, pred, targets, k: int)
 def calibration_images(asked: int, train_images: int) -> int:
     """How many training images re-estimate BatchNorm: `asked`, at most a quarter of the training set (but 64).
 
-    A forward pass over 256 images costs about a quarter of a training epoch of 320 (measured at
-    224 px: 2.6 s against 8.4 s); the cap keeps it near 8% of an epoch on small folders, and leaves
+    A forward pass over 256 images cost a third of a training epoch over 320 (measured at 224 px:
+    2.6 s against 8.4 s); the cap keeps it near a tenth of an epoch on small folders, and leaves
     folders of 1,024 images or more at `asked`.
     """
     return min(asked, train_images, max(64, train_images // 4))
