@@ -58,7 +58,8 @@ def main() -> None:
     if args.compare == "precision":  # (label, runtime, channels_last) of the two sides
         sides = [("fp32", Runtime(device, "fp32", True), True), ("bf16", Runtime(device, "bf16", True), True)]
     else:
-        sides = [("contiguous", Runtime(device, auto, False), False), ("channels_last", Runtime(device, auto, True), True)]
+        sides = [("contiguous", Runtime(device, auto, False), False),
+                 ("channels_last", Runtime(device, auto, True), True)]
     print(f"device {device}, precision auto = {auto}, {torch.get_num_threads()} threads")
     print(f"| model | px | batch | {sides[0][0]} img/s | {sides[1][0]} img/s | ratio |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -69,6 +70,7 @@ def main() -> None:
                 rates[i].append(step_rate(name, size, batch, cl, rt, args.steps))
         a, b = (sum(r) / args.repeats for r in rates)
         print(f"| {name} | {size} | {batch} | {a:.1f} | {b:.1f} | **{b / a:.2f}x** |", flush=True)
+
 
 if __name__ == "__main__":
     main()
