@@ -5,8 +5,9 @@
 torchvision resnet18 (3x3 stem, no max-pool, for images up to 64 px), Adam 1e-3, batch 100,
 pad-4 random crop + flip, no normalisation, ImageFolder + DataLoader with 2 workers.
 Images larger than 64 px are resized to min(native, 224) and keep torchvision's stem.
-Prints "epoch N val_acc A train_img_s R" after each epoch (MAX_BATCHES caps the batches per epoch). For a folder without val/ it uses the split
-resnet-train saved (split-*.json), so both are judged on the same images.
+Prints "first batch" when the first training batch is ready, then "epoch N val_acc A train_img_s R"
+after each epoch (MAX_BATCHES caps the batches per epoch). For a folder without val/ it uses the
+split resnet-train saved (split-*.json), so both are judged on the same images.
 """
 
 import json
@@ -51,6 +52,8 @@ for epoch in range(epochs):
     for i, (x, y) in enumerate(train_dl):
         if max_batches and i == max_batches:
             break
+        if epoch == 0 and i == 0:
+            print("first batch", flush=True)  # bench_folder.py times the start-up up to here
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
