@@ -9,7 +9,7 @@ Folders written to disk by bench/folders.py: ~1.8k digits at 32 px, ~1k at 224 p
   2. the hand loop (bench/hand_loop.py) -- training images/s, and its start-up to its first batch;
   3. resnet-train warm (the cache of run 1) -- start-up and training images/s;
   4. the torch floor: a process that imports torch and builds one optimizer, timed to that point. No
-     PyTorch training run starts faster: building an optimizer imports torch._dynamo (~1 s).
+     PyTorch training run starts faster: building an optimizer imports torch._dynamo (~1.4 s here).
 Training images/s is measured over the same number of batches of one epoch on each side
 (resnet-train's own per-epoch figure, the hand loop's timed the same way). Prints a table of the
 medians over the repeats with the ratios: train images/s (target >= 1.5x), warm/cold start-up
@@ -50,7 +50,7 @@ def _env(cache: Path | None = None) -> dict:
     return env
 
 
-# Timed up to its "first batch", as the hand loop is: a torch process's exit alone can take half a second.
+# Timed up to its "first batch", as the hand loop is: a torch process's exit alone takes about a second here.
 FLOOR = "import torch; torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1); print('first batch', flush=True)"
 
 
