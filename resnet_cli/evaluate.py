@@ -4,7 +4,9 @@
     resnet-eval best.pt dataset.root=/data/cifar10          # dataset keys as in resnet-train
 
 The dataset, precision and memory format come from the checkpoint's own config, so
-the number printed for `val` is the one training measured for that checkpoint.
+the number printed for `val` is the one training measured for that checkpoint. That config is
+read as data (resnet_cli.inference): only resnet-cli's own dataset builders run, with its keys
+checked against their schemas, and nothing is downloaded unless you pass dataset.download=true.
 """
 
 from __future__ import annotations
@@ -13,38 +15,65 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from resnet_cli.errors import OneLineParser, UserError, non_negative_int, one_line, reported
-from resnet_cli.fileio import atomic_write
-from resnet_cli.predict import WEIGHTS, WEIGHTS_HELP
+from resnet_cli.fileio import atomic_write, claim_outputs
+from resnet_cli.inference import WEIGHTS, WEIGHTS_HELP
+
+if TYPE_CHECKING:
+    from resnet_cli.runtime import Runtime
 
 SPLITS = ("val", "train")
 # Evaluating the train split means measuring it, not training on it: no augmentation or mixing.
 _PLAIN_TRAIN = {"augment": "none", "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "drop_last": False}
 
 
-def _dataset_config(ckpt: dict, overrides: Sequence[str], split: str) -> dict:
+def dataset_config(ckpt: dict, overrides: Sequence[str], split: str, source: Path) -> tuple[Callable, dict]:
+    """(builder, keywords) of the checkpoint's dataset, typed, with your `dataset.KEY=VALUE` overrides on top.
+
+    The stored config is data: its builder must be one of resnet-cli's and its keys must fit that
+    builder's schema. It never downloads unless you say `dataset.download=true` yourself.
+    """
     from omegaconf import OmegaConf
 
+    from resnet_cli.inference import dataset_builder, stored_section
     from resnet_cli.validate import validate
 
-    base = OmegaConf.create({"dataset": ckpt["config"]["dataset"]})
+    builder, stored = dataset_builder(stored_section(ckpt, "dataset", source), source)
+    if "download" in stored:
+        stored["download"] = False  # a colleague's checkpoint must not fetch (and extract) what it names
     for item in overrides:
         key, eq, _ = item.partition("=")
         if not eq or not key.startswith("dataset."):
             raise UserError(f"override '{item}': resnet-eval takes dataset.KEY=VALUE overrides only")
-        if key.split(".")[1] not in base.dataset:
+        if key.split(".")[1] not in stored:
             raise UserError(f"override '{item}': the checkpoint's dataset config has no key '{key}'")
     try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(OmegaConf.create({"dataset": stored}), OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_container(merged.dataset, resolve=True)
     except Exception as exc:  # noqa: BLE001 - OmegaConf's grammar errors: report the bad override
         raise UserError(f"bad override: {one_line(exc)}") from exc
-    cfg = OmegaConf.to_container(merged.dataset, resolve=True)
-    validate(OmegaConf.create({"dataset": cfg}))  # an override meets resnet-train's rules before any data is read
+    # Your overrides meet resnet-train's rules before any data is read.
+    validate(OmegaConf.create({"dataset": {"_target_": ckpt["config"]["dataset"]["_target_"], **cfg}}))
     if split == "train":
         cfg.update({k: v for k, v in _PLAIN_TRAIN.items() if k in cfg})
-    return cfg
+    return builder, cfg
+
+
+def _runtime(ckpt: dict, device: str | None, source: Path) -> tuple["Runtime", int]:
+    """(device, precision and memory format, seed) from the checkpoint's trainer settings (typed), or --device."""
+    from resnet_cli import runtime
+    from resnet_cli.config import TrainerConfig
+    from resnet_cli.inference import _typed, stored_section
+
+    stored = stored_section(ckpt, "trainer", source)
+    wanted = {k: stored[k] for k in ("device", "precision", "channels_last", "seed") if k in stored}
+    tcfg = _typed(wanted, TrainerConfig, "trainer", source)
+    dev = runtime.resolve_device(device or tcfg["device"], key="--device" if device else "trainer.device")
+    precision = runtime.resolve_precision(tcfg["precision"], dev)
+    channels_last = runtime.resolve_channels_last(str(tcfg["channels_last"]), dev, precision)
+    return runtime.Runtime(dev, precision, channels_last), int(tcfg["seed"])
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", overrides: Sequence[str] = (),
@@ -53,40 +82,41 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", overrides: S
 
     `weights`: auto (the EMA average when the run kept one, as training validated it), ema or raw.
     """
-    from hydra.utils import instantiate
+    import math
 
-    from resnet_cli import engine, reports, runtime
-    from resnet_cli.predict import load_model, resolve_checkpoint, resolve_device
+    from resnet_cli import engine, reports
+    from resnet_cli.inference import load_trained, resolve_checkpoint
+    from resnet_cli.runtime import resolve_device
 
     if split not in SPLITS:
         raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
     if limit < 0:
         raise UserError(f"--limit-batches {limit}: must be >= 0 (0 = all)")
     if device is not None:
-        device = resolve_device(device)  # the flag's own one-line error, before the checkpoint is read
+        resolve_device(device, key="--device")  # the flag's own one-line error, before the checkpoint is read
     path = resolve_checkpoint(checkpoint)
-    model, ckpt, chosen = load_model(path, "cpu", weights)
-    tcfg = ckpt["config"].get("trainer", {})
-    dev = runtime.resolve_device(device or str(tcfg.get("device", "auto")))
-    precision = runtime.resolve_precision(str(tcfg.get("precision", "auto")), dev)
-    channels_last = runtime.resolve_channels_last(str(tcfg.get("channels_last", "auto")), dev, precision)
-    rt = runtime.Runtime(dev, precision, channels_last)
-    model = model.to(dev, memory_format=rt.memory_format)
-    seed = int(tcfg.get("seed", 0))
-    bundle = instantiate(_dataset_config(ckpt, overrides, split))(device=dev, seed=seed, rank=0, world_size=1)
-    if list(bundle.class_names) != list(ckpt["class_names"]):
+    trained = load_trained(path, "cpu", weights)
+    ckpt = trained.ckpt
+    rt, seed = _runtime(ckpt, device, path)
+    builder, dataset = dataset_config(ckpt, overrides, split, path)
+    model = trained.model.to(rt.device, memory_format=rt.memory_format)
+    bundle = builder(**dataset, device=rt.device, seed=seed, rank=0, world_size=1)
+    names = trained.class_names
+    if list(bundle.class_names) != names:
         raise UserError(f"{path}: the dataset's classes {bundle.class_names[:5]}... differ from the checkpoint's "
-                        f"{ckpt['class_names'][:5]}...")
+                        f"{names[:5]}...")
     source = bundle.val if split == "val" else bundle.train
-    names = list(ckpt["class_names"])
     out = engine.evaluate(model, source.iter_from(0), rt, limit=limit, num_classes=len(names), collect=True)
+    if not all(math.isfinite(out[k]) for k in ("loss", "acc")):
+        raise UserError(f"{path}: the loss on the {split} split is not finite ({out['loss']}); the weights or the "
+                        f"data give NaN or inf outputs, so there is no result to report")
     cm = reports.confusion_matrix(out["pred"], out["target"], len(names))
     per_class = reports.per_class_accuracy(cm)
     report = {
         "checkpoint": str(path),
         "split": split,
-        "weights": chosen.name,
-        "weights_detail": chosen.line(),
+        "weights": trained.weights.name,
+        "weights_detail": trained.weights.line(),
         "samples": int(cm.sum()),
         "accuracy": out["acc"],
         "loss": out["loss"],
@@ -94,9 +124,9 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", overrides: S
         "per_class_accuracy": dict(zip(names, per_class)),
         "class_names": names,
         "confusion_matrix": cm.tolist(),
-        "precision": precision,
-        "device": str(dev),
-        "eval_spec": ckpt["eval_spec"],
+        "precision": rt.precision,
+        "device": str(rt.device),
+        "eval_spec": trained.eval_spec,
     }
     return report, out
 
@@ -145,6 +175,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", metavar="FILE", help="also write the report as JSON ('-' for stdout)")
     ap.add_argument("--logdir", help="TensorBoard folder (default: <checkpoint folder>/eval_<split>)")
     ap.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard events")
+    ap.add_argument("--overwrite", action="store_true", help="replace a --json file that already exists")
     ap.add_argument("--device", help="default: the checkpoint's trainer.device")
     ap.add_argument("--weights", choices=WEIGHTS, default="auto", help=WEIGHTS_HELP)
     ap.add_argument("--limit-batches", type=non_negative_int, default=0,
@@ -154,12 +185,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate as the parsed command line asks; prints the report and writes the files."""
+    if args.json and args.json != "-":
+        claim_outputs([(args.json, "--json")], overwrite=args.overwrite)
     report, out = evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.device, args.limit_batches,
                                       args.weights)
     if args.json != "-":
         print(format_report(report))
     if args.json:
-        text = json.dumps(report, indent=2) + "\n"
+        text = json.dumps(report, indent=2, allow_nan=False) + "\n"
         sys.stdout.write(text) if args.json == "-" else atomic_write(args.json, text, durable=False)
     if not args.no_tensorboard:
         path = Path(report["checkpoint"])

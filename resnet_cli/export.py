@@ -2,33 +2,54 @@
 
     resnet-export outputs/2026-01-01/12-00-00 --out exported/ --formats onnx,torchscript,safetensors
 
-Every file is reloaded right after it is written and run on the same input batch as
-the PyTorch model; a maximum absolute difference above --atol fails the export.
-ONNX is checked with onnxruntime when it is installed (the `export` extra); without
-it the file is only structurally checked and the report says so.
+Every file is written under a temporary name, reloaded and run on the same input batch as
+the PyTorch model, and only then given its name; a maximum absolute difference above --atol
+(or an output that is not finite) fails the export and leaves nothing behind. ONNX is
+checked with onnxruntime when it is installed (the `export` extra); without it the file is
+only structurally checked and the report says so. An existing file is replaced only with
+--overwrite.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import secrets
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from resnet_cli.errors import OneLineParser, UserError, non_negative_float, one_line, reported
-from resnet_cli.predict import WEIGHTS, WEIGHTS_HELP
+from resnet_cli.fileio import claim_outputs
+from resnet_cli.inference import WEIGHTS, WEIGHTS_HELP
+
+if TYPE_CHECKING:
+    from resnet_cli.inference import Trained
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
 
 
 def example_batch(eval_spec: dict, batch: int = 2, seed: int = 0):
-    """A fixed normalized input batch of the checkpoint's eval size (the comparison input)."""
+    """A fixed normalized input batch of the checkpoint's eval size and channels (the comparison input)."""
     import torch
 
     size = int(eval_spec["crop"])
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    channels = int(eval_spec.get("channels", 3))
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def parse_formats(text: str) -> list[str]:
+    """--formats as a list: known names, each once, at least one."""
+    formats = list(dict.fromkeys(f.strip() for f in str(text).split(",") if f.strip()))
+    if not formats:
+        raise UserError(f"--formats '{text}': name at least one of {', '.join(FORMATS)}")
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise UserError(f"--formats: unknown format '{unknown[0]}'; choose from {', '.join(FORMATS)}")
+    return formats
 
 
 def _export_onnx(model, x, path: Path) -> None:
@@ -84,80 +105,89 @@ def _check_torchscript(path: Path, x):
         return loaded(x)
 
 
-def _export_safetensors(model, ckpt: dict, path: Path, weights: str) -> None:
+def _export_safetensors(trained: "Trained", model, path: Path) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    # Metadata is str -> str: enough to rebuild the model and its eval transform without the checkpoint.
-    meta = {"format": "resnet-cli/1", "class_names": json.dumps(ckpt["class_names"]),
-            "eval_spec": json.dumps(ckpt["eval_spec"]), "model_config": json.dumps(ckpt["config"]["model"]),
-            "weights": weights}
+    # Metadata is str -> str: enough to rebuild the model (by name, as resnet_cli.inference does) and its
+    # eval transform without the checkpoint; image_size is the resolved one.
+    config = {"name": trained.model_name, **{k: v for k, v in trained.model_kwargs.items() if k != "pretrained"}}
+    meta = {"format": "resnet-cli/1", "class_names": json.dumps(trained.class_names),
+            "eval_spec": json.dumps(trained.eval_spec), "model_config": json.dumps(config),
+            "weights": trained.weights.name}
     save_file(state, str(path), metadata=meta)
 
 
 def _check_safetensors(path: Path, x):
     import torch
-    from hydra.utils import instantiate
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from resnet_cli.checkpoint import load_weights
+    from resnet_cli.inference import build_model, model_spec
+
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata()
-    cfg = json.loads(meta["model_config"])
-    if cfg.get("pretrained"):
-        cfg["pretrained"] = False  # the weights come from the file
-    from resnet_cli.checkpoint import load_weights
-
-    fresh = instantiate(cfg)(num_classes=len(json.loads(meta["class_names"])))
+    name, kwargs = model_spec(json.loads(meta["model_config"]), path)
+    fresh = build_model(name, kwargs, len(json.loads(meta["class_names"])), kwargs.get("image_size"), path)
     load_weights(fresh, load_file(str(path)), f"{path}: the exported weights do not fit their model config")
     with torch.inference_mode():
         return fresh.eval()(x)
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, formats: Sequence[str] = FORMATS, atol: float = 1e-4,
-           name: str | None = None, log: Callable[[str], None] = print, weights: str = "auto") -> dict[str, dict]:
+           name: str | None = None, log: Callable[[str], None] = print, weights: str = "auto",
+           overwrite: bool = False) -> dict[str, dict]:
     """Write each format into out_dir and verify it; returns {format: {path, max_abs_diff, verified}}.
 
     `weights`: auto (the EMA average when the run kept one, as training validated it), ema or raw.
+    A file is given its name only once verified; an existing one is replaced only with `overwrite`.
     """
     import torch
 
-    from resnet_cli.predict import load_model, resolve_checkpoint
+    from resnet_cli.inference import load_trained
 
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise UserError(f"--formats: unknown format '{unknown[0]}'; choose from {', '.join(FORMATS)}")
-    path = resolve_checkpoint(checkpoint)
-    model, ckpt, chosen = load_model(path, "cpu", weights)
-    log(chosen.line())
-    model = model.float()
+    formats = parse_formats(",".join(formats))
+    trained = load_trained(checkpoint, "cpu", weights)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = name or ckpt["config"]["model"].get("name") or "model"
-    x = example_batch(ckpt["eval_spec"])
+    stem = name or trained.model_name
+    targets = {fmt: out_dir / f"{stem}{SUFFIX[fmt]}" for fmt in formats}
+    claim_outputs([(t, "--out") for t in targets.values()], inputs=[trained.path], overwrite=overwrite)
+    log(trained.weights.line())
+    model = trained.model.float()
+    x = example_batch(trained.eval_spec)
     with torch.inference_mode():
         reference = model(x)
+    if not bool(torch.isfinite(reference).all()):
+        raise UserError(f"{trained.path}: the model's outputs are not finite (NaN or inf) on the example batch; "
+                        f"nothing was exported")
+    out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
-    for fmt in formats:
-        target = out_dir / f"{stem}{SUFFIX[fmt]}"
-        if fmt == "onnx":
-            _export_onnx(model, x, target)
-            got = _check_onnx(target, x)
-        elif fmt == "torchscript":
-            _export_torchscript(model, x, target)
-            got = _check_torchscript(target, x)
-        else:
-            _export_safetensors(model, ckpt, target, chosen.name)
-            got = _check_safetensors(target, x)
-        if got is None:
-            results[fmt] = {"path": str(target), "max_abs_diff": None, "verified": False}
+    for fmt, target in targets.items():
+        # Written and checked under a temporary name: a failed check leaves no file that looks exported.
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            if fmt == "onnx":
+                _export_onnx(model, x, tmp)
+                got = _check_onnx(tmp, x)
+            elif fmt == "torchscript":
+                _export_torchscript(model, x, tmp)
+                got = _check_torchscript(tmp, x)
+            else:
+                _export_safetensors(trained, model, tmp)
+                got = _check_safetensors(tmp, x)
+            diff = None if got is None else float((got.float() - reference.float()).abs().max())
+            if diff is not None and not (math.isfinite(diff) and diff <= atol):
+                raise UserError(f"{target}: outputs differ from PyTorch by {diff:.2e} (> --atol {atol:g}); "
+                                f"not exported")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        results[fmt] = {"path": str(target), "max_abs_diff": diff, "verified": diff is not None}
+        if diff is None:
             log(f"{fmt:12s} {target}  (onnxruntime not installed: graph checked, outputs not compared)")
-            continue
-        diff = float((got.float() - reference.float()).abs().max())
-        results[fmt] = {"path": str(target), "max_abs_diff": diff, "verified": diff <= atol}
-        if diff > atol:
-            raise UserError(f"{target}: outputs differ from PyTorch by {diff:.2e} (> --atol {atol:g})")
-        log(f"{fmt:12s} {target}  max |diff| vs PyTorch {diff:.2e}")
+        else:
+            log(f"{fmt:12s} {target}  max |diff| vs PyTorch {diff:.2e}")
     return results
 
 
@@ -171,6 +201,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="largest allowed |difference| from PyTorch")
     ap.add_argument("--name", help="file stem (default: the model's name)")
     ap.add_argument("--weights", choices=WEIGHTS, default="auto", help=WEIGHTS_HELP)
+    ap.add_argument("--overwrite", action="store_true", help="replace exported files that already exist")
     return ap.parse_args(argv)
 
 
@@ -178,11 +209,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit with status 2."""
     args = parse_args(argv)
     with reported("resnet-export"):
-        from resnet_cli.predict import resolve_checkpoint
+        from resnet_cli.inference import resolve_checkpoint
 
+        formats = parse_formats(args.formats)  # before the checkpoint is read
         out = Path(args.out) if args.out else resolve_checkpoint(args.checkpoint).parent / "export"
-        export(args.checkpoint, out, [f.strip() for f in args.formats.split(",") if f.strip()], args.atol,
-               args.name, weights=args.weights)
+        export(args.checkpoint, out, formats, args.atol, args.name, weights=args.weights, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

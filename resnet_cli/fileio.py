@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Union
+from typing import Any, BinaryIO, Callable, Iterable, Union
 
 from resnet_cli.errors import UserError
 
@@ -102,8 +103,58 @@ def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> Path:
 
 
 def write_json(path: str | os.PathLike, data: Any, *, durable: bool = True) -> Path:
-    """Write `data` as indented JSON (with a final newline) through atomic_write."""
-    return atomic_write(path, json.dumps(data, indent=2) + "\n", durable=durable)
+    """Write `data` as indented JSON (with a final newline) through atomic_write; NaN and inf become null."""
+    return atomic_write(path, json_text(data), durable=durable)
+
+
+def json_text(data: Any) -> str:
+    """`data` as indented JSON with a final newline: a NaN or inf is written as null (JSON has neither)."""
+    return json.dumps(_finite_or_none(data), indent=2, allow_nan=False) + "\n"
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def claim_outputs(outputs: Iterable[tuple[str | os.PathLike, str]], *, inputs: Iterable[str | os.PathLike] = (),
+                  overwrite: bool = False) -> None:
+    """Refuse, before anything is written, an output that would land on an input or replace a file already there.
+
+    `outputs` are (path, the flag that names it). An input is never replaced, not even with `overwrite`
+    (the same file under another name or through a link counts); an existing file is replaced only with
+    `overwrite`, which the message offers.
+    """
+    held = {ident for ident in map(_identity, map(Path, inputs)) if ident is not None}
+    seen: dict[str, str] = {}
+    for path, flag in outputs:
+        path = Path(path)
+        ident = _identity(path)
+        where = os.path.abspath(path)
+        if ident is not None and ident in held:
+            raise UserError(f"{flag}: {path} is one of the inputs; write the output somewhere else")
+        if where in seen:
+            raise UserError(f"{flag}: {path} is also the output of {seen[where]}; give each output its own name")
+        if os.path.lexists(path) and not overwrite:
+            what = "a folder" if path.is_dir() else "a file"
+            raise UserError(f"{flag}: {path} already exists ({what} this command did not write); choose another "
+                            f"name, or pass --overwrite to replace it")
+        if path.is_dir():
+            raise UserError(f"{flag}: {path} is a folder; give a file name")
+        seen[where] = flag
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -34,10 +34,16 @@ _OPTIONS: dict[str, Any] = {}
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = OneLineParser(prog="resnet-lr-find", add_help=False)
+    # add_help=False: -h reaches main(), which prints this parser's help (Hydra would print resnet-train's).
+    ap = OneLineParser(prog="resnet-lr-find", add_help=False, usage="resnet-lr-find [FLAGS] [key=value ...]",
+                       description=__doc__.split("\n\n")[0],
+                       epilog="Every other argument is one of resnet-train's overrides (model=resnet20 dataset=shapes "
+                              "optimizer.weight_decay=5e-4 ...): `resnet-train --help` lists the groups and their "
+                              "options, `resnet-train --cfg job` every key.")
+    ap.add_argument("-h", "--help", action="store_true", help="show this message and exit")
     ap.add_argument("--steps", type=positive_int, default=200, help="optimizer steps in the sweep (default 200)")
-    ap.add_argument("--start-lr", type=positive_float, default=1e-6)
-    ap.add_argument("--end-lr", type=positive_float, default=3.0)
+    ap.add_argument("--start-lr", type=positive_float, default=1e-6, help="first learning rate (default 1e-6)")
+    ap.add_argument("--end-lr", type=positive_float, default=3.0, help="last learning rate (default 3)")
     ap.add_argument("--smoothing", type=positive_float, default=0.05,
                     help="weight of each new loss in the running average")
     ap.add_argument("--diverge", type=positive_float, default=4.0,
@@ -150,7 +156,11 @@ def hydra_main(cfg: DictConfig) -> float:
 def main() -> None:
     """Console entry point: finder flags (--steps, --start-lr, ...) first, then resnet-train's overrides."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    opts, rest = _parser().parse_known_args(sys.argv[1:])
+    parser = _parser()
+    opts, rest = parser.parse_known_args(sys.argv[1:])
+    if opts.help:
+        parser.print_help()
+        return
     _OPTIONS.update(steps=opts.steps, start_lr=opts.start_lr, end_lr=opts.end_lr, smoothing=opts.smoothing,
                     diverge=opts.diverge)
     if not any(a.startswith("hydra.run.dir=") for a in rest):

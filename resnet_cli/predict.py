@@ -3,8 +3,10 @@
     resnet-predict outputs/2026-01-01/12-00-00 photo.jpg more_photos/ --topk 3 --json preds.json
     resnet-predict outputs/2026-01-01/12-00-00 photo.jpg --annotate annotated/   # the picture, labelled
 
-The checkpoint carries everything needed: the model config, the class names and the
-eval transform (resize, crop, mean, std), so predictions match what validation measured.
+The checkpoint carries everything needed: the model's name and keys, the class names and the
+eval transform (resize, crop, mean, std), so predictions match what validation measured. It is
+read as data (resnet_cli.inference): nothing it names is run. Outputs never land on an input and
+never replace a file that is already there unless --overwrite says so.
 """
 
 from __future__ import annotations
@@ -17,33 +19,20 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from resnet_cli.errors import OneLineParser, UserError, one_line, positive_int, reported
-from resnet_cli.fileio import atomic_write, is_regular_file, kind_of, regular_file
+from resnet_cli.fileio import atomic_write, claim_outputs, is_regular_file, kind_of, regular_file
+from resnet_cli.inference import WEIGHTS, WEIGHTS_HELP
+
+if TYPE_CHECKING:
+    from resnet_cli.inference import Trained
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run folder's best.pt (else last.pt)."""
-    path = Path(path)
-    if path.is_dir():
-        skipped = []
-        for name in ("best.pt", "last.pt"):
-            if is_regular_file(path / name):
-                for other in skipped:
-                    log.warning("skipped %s: not a regular file", other)
-                return path / name
-            if os.path.lexists(path / name):  # a FIFO or device would block the load: never opened
-                skipped.append(f"{name} ({_kind(path / name)})")
-        extra = f" (skipped {', '.join(skipped)}: not regular files)" if skipped else ""
-        raise UserError(f"{path}: no best.pt or last.pt in this run folder{extra}")
-    return regular_file(path, "checkpoint")
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
 def _kind(path: Path) -> str:
@@ -53,116 +42,13 @@ def _kind(path: Path) -> str:
         return "a dangling link"
 
 
-def resolve_device(name: str, flag: str = "--device") -> str:
-    """A tool's --device as a torch device name; one-line UserError for a nonsense name or a missing GPU."""
-    text = str(name).strip().lower()
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
-        raise UserError(f"{flag} {name}: not a device; use cpu, cuda or cuda:N")
-    import torch
-
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if text.startswith("cuda"):
-        index = int(text.split(":")[1]) if ":" in text else 0
-        if index >= torch.cuda.device_count():
-            raise UserError(f"{flag} {name}: {torch.cuda.device_count()} CUDA device(s) visible; use {flag} cpu")
-    return text
-
-
-WEIGHTS = ("auto", "ema", "raw")
-WEIGHTS_HELP = ("auto (default): the EMA average when the run kept one (trainer.ema_decay), else the raw weights; "
-                "ema or raw to choose")
-
-
-@dataclass(frozen=True)
-class Weights:
-    """Which of a checkpoint's two sets of weights a tool uses, and what training measured for them."""
-
-    name: str  # "ema" or "raw"
-    state: dict
-    detail: str  # why these, and the accuracy validation gave them
-
-    def line(self) -> str:
-        """The start-up/result line that says which weights are in use."""
-        return f"weights: {self.name} ({self.detail})"
-
-
-def choose_weights(ckpt: dict, choice: str = "auto", source: str | Path = "") -> Weights:
-    """The weights a tool should use: with trainer.ema_decay the EMA average (validated each epoch), else the raw ones.
-
-    A run with EMA validates both sets; the average is the one the EMA was kept for, so `auto` takes it.
-    """
-    if choice not in WEIGHTS:
-        raise UserError(f"--weights {choice}: use {', '.join(WEIGHTS)}")
-    ema = ckpt.get("ema")
-    if choice == "ema" and not ema:
-        raise UserError(f"--weights ema: {source} holds no EMA weights (trained without trainer.ema_decay); "
-                        f"use --weights raw")
-    name = "ema" if ema and choice != "raw" else "raw"
-    decay = ((ckpt.get("config") or {}).get("trainer") or {}).get("ema_decay")
-    reason = [f"trainer.ema_decay={decay}"] if name == "ema" else ["--weights raw"] if ema else []
-    metrics = ckpt.get("metrics") or {}  # the epoch's table row; empty in a mid-epoch checkpoint
-    acc = metrics.get("ema_val_acc" if name == "ema" else "val_acc")
-    reason.append(f"validated at epoch {metrics.get('epoch')}: acc {acc:.4f}" if acc is not None
-                  else "saved mid-epoch: not validated")
-    if name == "ema":
-        # AveragedModel's state_dict: the averaged module under "module." (buffers too: use_buffers=True),
-        # plus its own step counter "n_averaged".
-        prefix = "module."
-        state = {k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)}
-    else:
-        state = ckpt["model"]
-    return Weights(name, state, "; ".join(reason))
-
-
-def model_from_checkpoint(ckpt: dict, source: str | Path, weights: Weights | None = None):
-    """The checkpoint's model, built from the config it carries and loaded with its weights (one-line UserError).
-
-    `weights` defaults to the raw weights (ckpt["model"]); tools pass choose_weights(...) to use the EMA.
-    """
-    from resnet_cli import checkpoint
-    from resnet_cli.build import build_model
-
-    config = ckpt.get("config")
-    model_cfg = config.get("model") if isinstance(config, dict) else None
-    if not isinstance(model_cfg, dict) or "_target_" not in model_cfg:
-        raise UserError(f"{source}: its config has no model section (not written by resnet-train?)")
-    classes = len(ckpt["class_names"])
-    try:
-        # The checkpoint holds the trained weights: fetch nothing; build at the size it was trained at.
-        model = build_model(model_cfg, classes, ckpt.get("eval_spec", {}).get("crop"), fetch_weights=False)
-    except Exception as exc:  # noqa: BLE001 - a config the model builder refuses is a property of the file
-        raise UserError(f"{source}: cannot build the model its config describes ({one_line(exc)})") from exc
-    which = f"{weights.name} weights" if weights is not None else "weights"
-    checkpoint.load_weights(model, weights.state if weights is not None else ckpt["model"],
-                            f"{source}: its {which} do not fit the model its config describes "
-                            f"({model_cfg.get('name', '?')}, {classes} classes)")
-    return model
-
-
-def load_model(path: str | Path, device: str = "cpu", weights: str = "auto"):
-    """Rebuild the checkpoint's model in eval mode; returns (model, checkpoint dict, the Weights it holds).
-
-    `weights` is auto, ema or raw (see choose_weights): by default the weights that training validated.
-    """
-    import torch
-
-    from resnet_cli import checkpoint
-
-    path = resolve_checkpoint(path)
-    ckpt = checkpoint.load(path, map_location="cpu")
-    for key in ("config", "class_names", "eval_spec"):
-        if key not in ckpt:
-            raise UserError(f"{path}: checkpoint has no '{key}' entry (not written by resnet-train?)")
-    chosen = choose_weights(ckpt, weights, path)
-    model = model_from_checkpoint(ckpt, path, chosen)
-    return model.to(torch.device(device)).eval(), ckpt, chosen
-
-
 def find_images(inputs: Sequence[str]) -> list[Path]:
     """Image files named directly or found (recursively, sorted) in folders; UserError for a bad path."""
     found: list[Path] = []
     for item in inputs:
+        if _URL.match(str(item)):
+            raise UserError(f"{item}: a URL; resnet-predict reads image files on this machine: download it first "
+                            f"(e.g. curl -O {item})")
         path = Path(item)
         if path.is_dir():
             named = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
@@ -178,36 +64,35 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
 
 
 def _read(path: Path, transform):
-    from PIL import Image, UnidentifiedImageError
+    from resnet_cli.data.images import decode, reason
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            return transform(img)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-        raise UserError(f"cannot read image {path}: {one_line(exc)}") from exc
+        # decode(): a regular file only, fully decoded, EXIF orientation applied (the picture as displayed).
+        return transform(decode(path))
+    except Exception as exc:  # noqa: BLE001 - a decoder failure is a property of the file: name it
+        raise UserError(f"cannot read image {path}: {reason(exc)}") from exc
 
 
 ON_BAD_IMAGE = ("error", "skip")
 
 
-def predict(model, ckpt: dict, files: Sequence[Path], topk: int = 5, batch_size: int = 64,
-            device: str = "cpu", on_bad_image: str = "error", skipped: list | None = None) -> list[dict]:
-    """Top-k class names and probabilities for each file, in order.
+def predict(trained: "Trained", files: Sequence[Path], topk: int = 5, batch_size: int = 64, device: str = "cpu",
+            on_bad_image: str = "error", skipped: list | None = None, names: Sequence[str] | None = None) -> list[dict]:
+    """Top-k class names and probabilities for each file, in order (`names` replaces the checkpoint's).
 
     A file that cannot be read stops with a one-line UserError naming it (`on_bad_image="error"`),
-    or is left out and appended to `skipped` as (path, reason) (`"skip"`).
+    or is left out and appended to `skipped` as (path, reason) (`"skip"`). Outputs that are not
+    finite are an error naming the image, never a result.
     """
     import torch
-
-    from resnet_cli.data.transforms import build_eval_transform
 
     if on_bad_image not in ON_BAD_IMAGE:
         raise UserError(f"--on-bad-image {on_bad_image}: use error or skip")
     if topk < 1 or batch_size < 1:
         raise UserError(f"--topk and --batch-size must be >= 1 (got {topk}, {batch_size})")
-    transform = build_eval_transform(**ckpt["eval_spec"])
-    names = ckpt["class_names"]
+    transform = trained.eval_transform()
+    model = trained.model
+    names = list(names or trained.class_names)
     k = max(1, min(topk, len(names)))
     skipped = skipped if skipped is not None else []
     readable = []
@@ -226,6 +111,10 @@ def predict(model, ckpt: dict, files: Sequence[Path], topk: int = 5, batch_size:
         batch = torch.stack([x for _, x in readable[start:start + batch_size]]).to(device)
         with torch.inference_mode():
             probs = model(batch).float().softmax(1)
+        bad = (~torch.isfinite(probs).all(1)).nonzero().flatten().tolist()
+        if bad:
+            raise UserError(f"{chunk[bad[0]]}: the model's outputs are not finite (NaN or inf) for this image; "
+                            f"{trained.path} gives no prediction to report")
         top = probs.topk(k, dim=1)
         for path, p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
             results.append({"file": str(path), "top": [{"class": names[c], "index": c, "prob": q}
@@ -262,11 +151,12 @@ def _font(size: int):
 
 
 def annotate(path: str | Path, top: Sequence[dict], max_side: int = 320):
-    """The image (fitted into max_side) above its top-k classes with probability bars, as a PIL image."""
+    """The image (fitted into max_side, as displayed) above its top-k classes with probability bars, as a PIL image."""
     from PIL import Image, ImageDraw
 
-    with Image.open(path) as img:
-        picture = img.convert("RGB")
+    from resnet_cli.data.images import decode
+
+    picture = decode(path)
     scale = max_side / max(picture.size)
     picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
                              Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
@@ -290,22 +180,35 @@ def annotate(path: str | Path, top: Sequence[dict], max_side: int = 320):
     return canvas
 
 
+def annotation_names(files: Sequence[Path]) -> list[str]:
+    """The file name of each image's annotation: <stem>.png, numbered where two images share a stem."""
+    names, used = [], {"grid.png"}
+    for path in files:
+        name, n = f"{Path(path).stem}.png", 1
+        while name in used:  # files of the same name in different folders
+            n += 1
+            name = f"{Path(path).stem}_{n}.png"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def annotation_outputs(files: Sequence[Path], out_dir: str | Path) -> list[Path]:
+    """Every file --annotate will write for these images (grid.png last, for several)."""
+    out = Path(out_dir)
+    return [out / n for n in annotation_names(files)] + ([out / "grid.png"] if len(files) > 1 else [])
+
+
 def write_annotated(results: list[dict], out_dir: str | Path, max_grid: int = 64) -> list[Path]:
     """Write <out_dir>/<name>.png for each result (its "annotated" entry says where) and, for several, grid.png."""
     from PIL import Image
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written, used, tiles = [], set(), []
-    for r in results:
-        stem = Path(r["file"]).stem
-        name, n = f"{stem}.png", 1
-        while name in used or name == "grid.png":  # files of the same name in different folders
-            n += 1
-            name = f"{stem}_{n}.png"
-        used.add(name)
+    written, tiles = [], []
+    for r, name in zip(results, annotation_names([Path(r["file"]) for r in results])):
         img = annotate(r["file"], r["top"])
-        img.save(out / name)
+        atomic_write(out / name, lambda fh, img=img: img.save(fh, format="PNG"), durable=False)
         r["annotated"] = str(out / name)
         written.append(out / name)
         if len(tiles) < max_grid:
@@ -318,7 +221,7 @@ def write_annotated(results: list[dict], out_dir: str | Path, max_grid: int = 64
         grid = Image.new("RGB", (cols * w + (cols + 1) * 4, rows * h + (rows + 1) * 4), (200, 200, 200))
         for i, t in enumerate(tiles):
             grid.paste(t, (4 + (i % cols) * (w + 4), 4 + (i // cols) * (h + 4)))
-        grid.save(out / "grid.png")
+        atomic_write(out / "grid.png", lambda fh: grid.save(fh, format="PNG"), durable=False)
         written.append(out / "grid.png")
     return written
 
@@ -367,6 +270,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--class-names", metavar="FILE",
                     help="names to print instead of the checkpoint's: class_names.json (a list) or "
                          "class_indices.json ({\"0\": \"daisy\", ...})")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace output files that already exist (never an input image)")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     ap.add_argument("--weights", choices=WEIGHTS, default="auto", help=WEIGHTS_HELP)
     ap.add_argument("--batch-size", type=positive_int, default=64)
@@ -375,22 +280,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def check_outputs(args: argparse.Namespace, files: Sequence[Path]) -> None:
+    """Refuse, before the model loads, outputs that would land on an input or replace a file already there."""
+    planned = [(args.json, "--json"), (args.csv, "--csv")]
+    outputs = [(path, flag) for path, flag in planned if path and path != "-"]
+    if args.annotate:
+        out = Path(args.annotate).resolve()
+        for item in args.images:
+            folder = Path(item).resolve()
+            if Path(item).is_dir() and (out == folder or folder in out.parents):
+                raise UserError(f"--annotate {args.annotate}: inside the input folder {item}, so its pictures would "
+                                f"mix with (and later be read as) the images; choose a folder outside it")
+        outputs += [(path, "--annotate") for path in annotation_outputs(files, args.annotate)]
+    claim_outputs(outputs, inputs=[*files, *([args.class_names] if args.class_names else [])],
+                  overwrite=args.overwrite)
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     """Predict as the parsed command line asks, printing the table and writing the files."""
-    files = find_images(args.images)  # check the inputs before paying for torch and the model
+    from resnet_cli.inference import load_trained
+    from resnet_cli.runtime import resolve_device
+
+    files = find_images(args.images)  # check the inputs before paying for the model
     names = read_class_names(args.class_names) if args.class_names else None
-    device = resolve_device(args.device)
-    model, ckpt, weights = load_model(args.checkpoint, device, args.weights)
-    if names is not None:
-        if len(names) != len(ckpt["class_names"]):
-            raise UserError(f"--class-names {args.class_names}: {len(names)} names, but the model has "
-                            f"{len(ckpt['class_names'])} classes")
-        ckpt["class_names"] = names
+    check_outputs(args, files)
+    device = str(resolve_device(args.device, key="--device"))
+    trained = load_trained(args.checkpoint, device, args.weights)
+    if names is not None and len(names) != len(trained.class_names):
+        raise UserError(f"--class-names {args.class_names}: {len(names)} names, but the model has "
+                        f"{len(trained.class_names)} classes")
     skipped: list = []
-    results = predict(model, ckpt, files, topk=args.topk, batch_size=args.batch_size, device=device,
-                      on_bad_image=args.on_bad_image, skipped=skipped)
+    results = predict(trained, files, topk=args.topk, batch_size=args.batch_size, device=device,
+                      on_bad_image=args.on_bad_image, skipped=skipped, names=names)
     # After the predictions, so that an error stays the only line on stderr; stdout may be JSON or CSV.
-    print(f"resnet-predict: {weights.line()}", file=sys.stderr)
+    print(f"resnet-predict: {trained.weights.line()}", file=sys.stderr)
     for path, reason in skipped:
         print(f"resnet-predict: skipped: {reason}", file=sys.stderr)
     if skipped:
@@ -404,7 +327,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if not to_stdout:
         print(format_table(results))
     if args.json:
-        _write(args.json, json.dumps(results, indent=2) + "\n")
+        _write(args.json, json.dumps(results, indent=2, allow_nan=False) + "\n")
     if args.csv:
         _write(args.csv, to_csv(results))
     return results

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -110,20 +111,27 @@ def bf16_grad_hazard(model: torch.nn.Module, image_size: int, device: torch.devi
     return found[0] if found else None
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """Turn trainer.device (auto|cpu|cuda|cuda:N|mps) into a torch.device."""
-    name = str(name).lower()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"trainer.device={name} but no CUDA device is visible; use trainer.device=cpu or auto")
-        if name == "cuda":
-            return torch.device("cuda", local_rank)
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise UserError(f"trainer.device={name} is not a device (use auto, cpu, cuda or cuda:N)") from exc
+def resolve_device(name: str, local_rank: int = 0, key: str = "trainer.device") -> torch.device:
+    """Turn a device setting (auto|cpu|cuda|cuda:N|mps) into a torch.device; `key` names it in errors.
+
+    The one resolver for resnet-train (trainer.device, `cuda` meaning this rank's GPU) and the
+    tools (--device): a nonsense name or a GPU that is not there is one line naming `key`.
+    """
+    text = str(name).strip().lower()
+    sep = "=" if "." in key else " "
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise UserError(f"{key}{sep}{name} is not a device (use auto, cpu, cuda or cuda:N)")
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"{key}{sep}{name} but no CUDA device is visible; use {key}{sep}cpu or auto")
+        index = int(text.split(":")[1]) if ":" in text else local_rank
+        if index >= count:
+            raise UserError(f"{key}{sep}{name}: {count} CUDA device(s) visible; use {key}{sep}cpu or cuda:0")
+        return torch.device("cuda", index)
+    return torch.device(text)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -7,7 +7,7 @@ from torch import nn
 
 from resnet_cli import checkpoint, engine
 from resnet_cli.data.synthetic import shapes
-from resnet_cli.predict import model_from_checkpoint
+from resnet_cli.inference import rebuild
 from resnet_cli.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"), "fp32", False)
@@ -66,7 +66,7 @@ def _recalibrated(run_dir, images: int) -> tuple[dict, dict]:
     from hydra.utils import instantiate
 
     ckpt = checkpoint.load(run_dir / "last.pt", map_location="cpu")
-    model = model_from_checkpoint(ckpt, run_dir).to(memory_format=torch.channels_last)
+    model = rebuild(ckpt, run_dir)[0].to(memory_format=torch.channels_last)
     saved = _bn_buffers(model)
     config = ckpt["config"]
     bundle = instantiate(config["dataset"])(device="cpu", seed=int(config["trainer"]["seed"]))

@@ -121,11 +121,11 @@ def test_class_names_files_of_both_formats_are_read(tmp_path):
 
 
 def test_predict_csv_matches_json(trained, val_pngs, tmp_path):
-    from resnet_cli.predict import find_images, load_model, predict, to_csv
+    from resnet_cli.inference import load_trained
+    from resnet_cli.predict import find_images, predict, to_csv
 
     folder, _ = val_pngs
-    model, ckpt, _ = load_model(trained)
-    results = predict(model, ckpt, find_images([str(folder)])[:4], topk=2)
+    results = predict(load_trained(trained), find_images([str(folder)])[:4], topk=2)
     rows = to_csv(results).strip().splitlines()
     assert rows[0] == "file,rank,class,index,prob" and len(rows) == 1 + 4 * 2
     assert rows[1].split(",")[2] == results[0]["top"][0]["class"]
@@ -181,7 +181,7 @@ def trained_ema(tmp_path_factory):
 def test_tools_use_the_ema_weights_training_validated(trained_ema, val_pngs, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from resnet_cli import evaluate, export, predict
+    from resnet_cli import evaluate, export, inference, predict
 
     last = trained_ema / "last.pt"
     ck = torch.load(last, map_location="cpu", weights_only=True)
@@ -210,7 +210,7 @@ def test_tools_use_the_ema_weights_training_validated(trained_ema, val_pngs, tmp
     got = json.loads(preds.read_text())
 
     def probs(state: dict) -> torch.Tensor:
-        model = predict.model_from_checkpoint({**ck, "model": state}, last).eval()
+        model = inference.rebuild({**ck, "model": state}, last)[0].eval()
         from resnet_cli.data.transforms import build_eval_transform
 
         transform = build_eval_transform(**ck["eval_spec"])

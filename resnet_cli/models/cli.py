@@ -90,28 +90,47 @@ def readme_block(text: str) -> str:
     return match.group(1) if match else ""
 
 
+def model_keys(name: str, keys: list[str], num_classes: int) -> tuple[dict, int]:
+    """`key=value` words as model keywords, typed by the model family's schema, and the class count.
+
+    The same check a checkpoint's model config gets (resnet_cli.inference.model_spec): an unknown key,
+    a wrong type or a bad choice is one line (UserError) naming it.
+    """
+    import yaml
+
+    from resnet_cli.errors import UserError
+    from resnet_cli.inference import model_spec
+
+    kwargs: dict = {}
+    for item in keys:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{item!r}: model keys are key=value (e.g. head=mlp)")
+        try:
+            kwargs[key.removeprefix("model.")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"{item!r}: {value!r} is not a value (a number, a word, true/false or [a,b])") from None
+    classes = kwargs.pop("num_classes", num_classes)
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
+        raise UserError(f"num_classes={classes}: must be a whole number >= 1")
+    kwargs.pop("name", None)
+    _, typed = model_spec({"name": name, **kwargs}, f"resnet-models {name}")
+    # Only what was typed, as typed (the schema checked it): the builder's defaults fill in the rest.
+    return {k: typed[k] for k in kwargs}, classes
+
+
 def show(name: str, keys: list[str], *, size: int, num_classes: int, depth: int, print_tree: bool,
          summary: bool) -> str:
     """print(model) and/or the per-layer summary of model `name` built with `key=value` model keys."""
     import torch
-    import yaml
 
-    from resnet_cli.models import create_model, layer_summary
+    from resnet_cli.inference import build_model
+    from resnet_cli.models import layer_summary
 
-    kwargs = {}
-    for item in keys:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"resnet-models: error: {item!r}: model keys are key=value (e.g. head=mlp)")
-        kwargs[key.removeprefix("model.")] = yaml.safe_load(value)
-    num_classes = int(kwargs.pop("num_classes", num_classes))
+    kwargs, num_classes = model_keys(name, keys, num_classes)
     kwargs.setdefault("image_size", size)
-    kwargs.pop("name", None)
     torch.manual_seed(0)
-    try:
-        model = create_model(name, num_classes, **kwargs)
-    except TypeError as exc:  # a key the builder does not take
-        raise SystemExit(f"resnet-models: error: {name}: {exc}") from exc
+    model = build_model(name, kwargs, num_classes, None, f"resnet-models {name}")
     parts = []
     if print_tree:
         parts.append(str(model))
@@ -122,7 +141,9 @@ def show(name: str, keys: list[str], *, size: int, num_classes: int, depth: int,
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of `resnet-models`."""
-    parser = argparse.ArgumentParser(
+    from resnet_cli.errors import OneLineParser
+
+    parser = OneLineParser(
         prog="resnet-models",
         description="List every registered model (model=<name> in resnet-train) with its family, "
                     "parameter count and multiply-accumulates (MACs) per image.",
@@ -154,9 +175,14 @@ def main(argv: list[str] | None = None) -> None:
                 model_info(args.model)
             except Exception as exc:  # noqa: BLE001 - UnknownModelError names close matches
                 parser.error(str(exc))
-        sys.stdout.write(show(args.model, args.keys, size=args.size, num_classes=args.num_classes,
-                              depth=args.depth, print_tree=args.print_tree,
-                              summary=args.summary or not args.print_tree))
+        from resnet_cli.errors import UserError
+
+        try:
+            text = show(args.model, args.keys, size=args.size, num_classes=args.num_classes, depth=args.depth,
+                        print_tree=args.print_tree, summary=args.summary or not args.print_tree)
+        except UserError as exc:
+            parser.error(str(exc).removeprefix("resnet-models "))
+        sys.stdout.write(text)
     elif args.keys or args.summary or args.print_tree:
         parser.error("--summary, --print and key=value need a model name, e.g. resnet-models resnet50 --summary")
     elif args.update_readme:
