@@ -82,7 +82,7 @@ class SweepSummary(Callback):
 
 
 class RunFolderGuard(Callback):
-    """Refuses a single run with a bad config, or whose hydra.run.dir holds another run, before Hydra writes there.
+    """Refuses a single run with a bad config, or whose hydra.run.dir holds another or a live run, before Hydra writes.
 
     Hydra saves .hydra/config.yaml and opens the log in the run folder before the task
     starts, so the task's own check (train.fit) would come too late to keep those files.
@@ -95,7 +95,7 @@ class RunFolderGuard(Callback):
             return
         from omegaconf import OmegaConf, open_dict, read_write
 
-        from resnet_cli.runfolder import check_run_folder, held_run
+        from resnet_cli.runfolder import check_run_folder, held_run, hold
         from resnet_cli.validate import validate
 
         task = copy.deepcopy(config)
@@ -107,8 +107,11 @@ class RunFolderGuard(Callback):
             validate(task)
             if held_run(run_dir):  # the usual case is a new folder: nothing to compare, no torch to import
                 check_run_folder(task, OmegaConf.to_container(task, resolve=True, enum_to_str=True), run_dir)
+            hold(run_dir)  # held until the process ends: a second run started in this folder is refused
         except UserError as exc:
             raise Refused(exc) from exc  # Hydra would only warn about an Exception and run the job anyway
+        except OSError as exc:  # the folder cannot be made or locked (a file in the way, read-only, full disk)
+            raise Refused(UserError(one_line(exc))) from exc
 
 
 def job_record(config: DictConfig, job_return: JobReturn, run_dir: Path, wall_s: float) -> dict:

@@ -1,4 +1,4 @@
-"""Checkpoints: what one holds, atomic save (last, best, top-k), weights_only load, RNG capture, resume discovery."""
+"""Checkpoints: what one holds, atomic save (last, best, top-k), weights_only load, RNG capture."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from resnet_cli.errors import UserError, first_line, one_line
-from resnet_cli.fileio import atomic_link, atomic_write, is_regular_file, regular_file
+from resnet_cli.fileio import atomic_link, atomic_write, regular_file
+from resnet_cli.runfolder import BEST, LAST
 
 if TYPE_CHECKING:
     from resnet_cli.engine import Parts, Progress
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "resnet-cli/1"
-LAST, BEST = "last.pt", "best.pt"
 
 
 def contents(parts: "Parts", progress: "Progress", identity: dict, *, finished: bool, metrics: dict) -> dict:
@@ -50,20 +50,35 @@ def contents(parts: "Parts", progress: "Progress", identity: dict, *, finished: 
 def restore(ck: dict, parts: "Parts", progress: "Progress", source: str | os.PathLike,
             device: torch.device | str = "cpu") -> None:
     """Load a checkpoint made by contents() into the parts, the progress and the RNGs; one line if it does not fit."""
-    made_by = ck.get("config", {}).get("model", {}).get("name", "another model")
+    config = ck.get("config") if isinstance(ck.get("config"), dict) else {}
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    made_by = model.get("name", "another model")
     context = f"trainer.resume={source}: it was made by {made_by} with other settings and does not fit this model"
     load_weights(parts.raw_model, ck["model"], context)
     try:
         parts.optimizer.load_state_dict(ck["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{context}'s optimizer ({first_line(exc, 160)})") from exc
-    parts.scheduler.load_state_dict(ck["scheduler"])
-    if ck.get("scaler"):
-        parts.scaler.load_state_dict(ck["scaler"])
-    if parts.ema is not None and ck.get("ema"):
-        parts.ema.load_state_dict(ck["ema"])
-    progress.load_state_dict(ck, torch.device(device))
-    set_rng_state(ck["rng"])
+    # The rest is a file's word too (a checkpoint may come from anywhere): a damaged entry is one line.
+    entry = "scheduler"
+    try:
+        parts.scheduler.load_state_dict(ck["scheduler"])
+        entry = "scaler"
+        if ck.get("scaler"):
+            parts.scaler.load_state_dict(ck["scaler"])
+        entry = "ema"
+        if parts.ema is not None and ck.get("ema"):
+            parts.ema.load_state_dict(ck["ema"])
+        entry = "progress (epoch, step, best, history)"
+        for key in ("epoch", "step_in_epoch", "global_step"):
+            if not isinstance(ck.get(key), int) or isinstance(ck.get(key), bool) or ck[key] < 0:
+                raise ValueError(f"{key}={ck.get(key)!r} is not a count")
+        progress.load_state_dict(ck, torch.device(device))
+        entry = "rng"
+        set_rng_state(ck["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise UserError(f"trainer.resume={source}: its {entry} entry is damaged ({first_line(exc, 160)}); "
+                        f"resume from another checkpoint") from exc
 
 
 class CheckpointWriter:
@@ -260,37 +275,3 @@ def _tuplify(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_tuplify(v) for v in value)
     return value
-
-
-def comparable_config(config: dict) -> dict:
-    """The parts of a config that must match for trainer.resume=auto to continue a run."""
-    config = {k: v for k, v in config.items() if k not in ("output_root",)}
-    trainer = dict(config.get("trainer", {}))
-    for volatile in ("resume", "progress", "dry_run"):
-        trainer.pop(volatile, None)
-    config["trainer"] = trainer
-    return config
-
-
-def find_resumable(root: str | os.PathLike, config: dict, exclude: Path | None = None) -> Path | None:
-    """The newest run folder under root whose last.pt is unfinished and was made by the same config."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    want = comparable_config(config)
-    found = list(root.rglob(LAST))
-    # Only regular files are opened: a FIFO named last.pt would block the load forever.
-    for path in found:
-        if not is_regular_file(path):
-            log.warning("trainer.resume=auto: skipped %s: not a regular file", path)
-    candidates = sorted((p for p in found if is_regular_file(p)), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in candidates:
-        if exclude is not None and path.parent == exclude:
-            continue
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - an unreadable candidate is simply not resumable
-            continue
-        if not ckpt.get("finished") and comparable_config(ckpt.get("config", {})) == want:
-            return path.parent
-    return None

@@ -6,6 +6,7 @@ completion never pay for torch. The run itself is resnet_cli.trainer, imported i
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -66,10 +67,24 @@ def main() -> None:
             _report(exc)
         except OSError as exc:
             if not exc.filename:
-                raise  # no path to name: not an error of the user's making
+                exc = _name_run_folder(exc)  # Hydra's own writes (.hydra/, the log) name no file: name the folder
             _report(exc)  # read-only folder, a file where a folder should be, a full disk: one line naming it
     except KeyboardInterrupt as exc:
         _interrupted(exc)
+
+
+# What a failed write can say without naming its file: the disk, not the program, is at fault.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def _name_run_folder(exc: OSError) -> OSError:
+    """The same error naming the run folder Hydra was writing into; re-raised if it is not about the disk."""
+    if exc.errno not in _DISK_ERRNOS:
+        raise exc
+    from resnet_cli.runfolder import held_folders
+
+    folders = held_folders()  # the run folder RunFolderGuard locked before Hydra wrote into it
+    return OSError(exc.errno, exc.strerror, folders[0] if folders else os.getcwd())
 
 
 def _preempted(exc: Preempted) -> None:
@@ -103,10 +118,18 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
     from resnet_cli.validate import validate
 
     validate(cfg)  # every key's range and relations: before torch, data or the run folder are touched
+    from resnet_cli import runfolder
     from resnet_cli.trainer import prepare
 
-    with prepare(cfg, run_dir) as trainer:
-        return trainer.dry_run() if cfg.trainer.dry_run else trainer.fit()
+    # One writer per run folder. A single run holds it already (RunFolderGuard, before Hydra wrote
+    # there); a sweep job takes it here and gives it back when done (a launcher's worker runs on).
+    mine = runfolder.hold(run_dir) if int(os.environ.get("RANK", "0")) == 0 else False
+    try:
+        with prepare(cfg, run_dir) as trainer:
+            return trainer.dry_run() if cfg.trainer.dry_run else trainer.fit()
+    finally:
+        if mine:
+            runfolder.release(run_dir)
 
 
 if __name__ == "__main__":

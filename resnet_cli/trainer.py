@@ -76,11 +76,13 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Iterator["Trainer"]:
     data = None
     try:
         plain = to_plain(cfg)
-        resume_from, resolved_dir = resume_target(cfg, plain, run_dir, rt)
-        if rt.is_main:
-            log.info("run folder: %s", resolved_dir.resolve())
+        resume = resume_target(cfg, plain, run_dir, rt)  # checked (model, data) and locked; nothing written
         data = build.build_data(cfg, rt)
         if rt.is_main:
+            resume.check_classes(data.class_names)  # still before anything is written into its folder
+            resume.claim()
+            resume.follow_log(run_dir)
+            log.info("run folder: %s", resume.run_dir.resolve())
             if data.summary:
                 log.info("data: %s", data.summary)
         plan = Plan.of(cfg.trainer, len(data.train), data.train.batch_size, data.train.num_samples)
@@ -95,7 +97,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Iterator["Trainer"]:
             batch = data.train.batch_size * settings.accum_steps * rt.world_size
             log.info("plan: %s; recipe: %s", data.plan, describe_recipe(parts.optimizer, parts.scheduler, batch,
                                                                         plan.epochs, plan.steps_per_epoch))
-        yield Trainer(cfg, resolved_dir, data, parts, settings, plan, resume_from=resume_from, hydra_dir=run_dir)
+        yield Trainer(cfg, resume.run_dir, data, parts, settings, plan, resume_from=resume.checkpoint,
+                      hydra_dir=run_dir)
     finally:
         # DataLoader workers ignore stop signals (so a signal to the process group cannot kill them
         # mid-batch); they are shut down here, before interpreter exit tries to terminate them.
