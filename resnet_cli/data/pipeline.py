@@ -98,6 +98,7 @@ def make_bundle(
         workers = 0
 
         def calibration(k: int) -> BatchSource:
+            k = without_lone_tail(k, val_batch_size or batch_size)
             idx = calibration_indices(len(train.labels), k, seed).to(train_src.device)
             kw_one = {**kw, "rank": 0, "world_size": 1}  # every rank sees the same images: identical BN buffers
             return MemorySource(train_src.images[idx], train_src.labels[idx], batch_size=val_batch_size or batch_size,
@@ -116,7 +117,7 @@ def make_bundle(
 
         def calibration(k: int) -> BatchSource:
             ds = as_ds(train)
-            idx = calibration_indices(len(ds), k, seed).tolist()
+            idx = calibration_indices(len(ds), without_lone_tail(k, val_batch_size or batch_size), seed).tolist()
             return LoaderSource(Subset(ds, idx), val_tf, batch_size=val_batch_size or batch_size, train=False,
                                 **{**kw, "rank": 0, "world_size": 1})
     eval_spec = {"resize": int(geometry.resize), "crop": int(size), "mean": mean, "std": std}
@@ -124,6 +125,14 @@ def make_bundle(
             + (f", {workers} workers" if loader == "dataloader" else ""))
     return DataBundle(list(class_names), train_src, val_src, eval_spec, summary, plan=plan, workers=workers,
                       calibration=calibration)
+
+
+def without_lone_tail(k: int, batch_size: int) -> int:
+    """k, less one when k images in batches of `batch_size` would end on a batch of one.
+
+    update_bn runs the model in train mode, where BatchNorm cannot take one sample at 1x1 maps.
+    """
+    return k - 1 if k > 1 and k % batch_size == 1 else k
 
 
 def calibration_indices(n: int, k: int, seed: int) -> torch.Tensor:
