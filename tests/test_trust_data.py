@@ -124,6 +124,15 @@ def test_exif_orientation_is_what_the_summary_sizes_and_the_trained_pixels_show(
     assert got.shape == (4, 3, 8, 8) and torch.equal(got, expected)
 
 
+def test_the_summary_names_only_sizes_the_images_have():
+    from resnet_cli.data.scan import size_range
+
+    # Portrait and landscape phone photos are two sizes, not a range through sizes no photo has.
+    assert size_range([(4032, 3024)] * 3 + [(3024, 4032)] * 5) == "sizes 3024x4032, 4032x3024"
+    assert size_range([(32, 32)] * 4) == "sizes 32x32"
+    assert size_range([(w, 20 + w) for w in range(28, 60)]) == "widths 28..59, heights 48..79 px"
+
+
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif"])
 def test_decode_and_read_size_agree_on_every_orientation(tmp_path, suffix):
     from resnet_cli.data.images import decode, read_size
@@ -136,7 +145,9 @@ def test_decode_and_read_size_agree_on_every_orientation(tmp_path, suffix):
         path = save(tmp_path / f"{tag}{suffix}", pixels(tag, 12, 6), tag, **kw)
         with Image.open(path) as raw:  # Pillow's TIFF reader turns the image itself; the others do not
             raw.load()
-            plain = raw.convert("RGB") if suffix == ".tif" or tag == 1 else raw.convert("RGB").transpose(transposes[tag])
+            plain = raw.convert("RGB")
+            if suffix != ".tif" and tag != 1:
+                plain = plain.transpose(transposes[tag])
         shown = decode(path)
         assert read_size(path) == shown.size == plain.size == ((6, 12) if tag >= 5 else (12, 6)), (tag, shown.size)
         assert np.array_equal(np.asarray(shown), np.asarray(plain)), tag
@@ -301,23 +312,27 @@ def test_a_thousand_classes_train_in_bounded_memory_with_bounded_pictures(tmp_pa
 # -- 5. A batch of one into BatchNorm ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loader", ["memory", "dataloader"])
-def test_a_final_train_batch_of_one_is_dropped_not_a_crash(tmp_path, loader):
+@pytest.mark.parametrize("loader, extra", [
+    ("memory", ["trainer.precise_bn_images=0"]),
+    # Validation batches of one are fine, but BatchNorm's re-estimate (update_bn) runs in train mode on the
+    # 17 calibration images: it takes them in batches of at least two, and never ends on a lone one.
+    ("dataloader", ["dataset.val_batch_size=1"]),
+])
+def test_a_final_train_batch_of_one_is_dropped_not_a_crash(tmp_path, loader, extra):
     # 9 + 8 train images in batches of 4 leave one image over; resnet18 at 8 px reaches 1x1 maps, where
     # BatchNorm in train mode raises on a batch of one.
     root = two_class_tree(tmp_path / "data", n_train=8, n_val=2)
     save(root / "train" / "a" / "8.png", pixels(77))
     before = files(root)
     res = train(tmp_path, "dataset=imagefolder", f"dataset.root={root}", "model=resnet18", "dataset.batch_size=4",
-                "dataset.drop_last=false", f"dataset.loader={loader}", "dataset.num_workers=0",
-                "trainer.precise_bn_images=0")
+                "dataset.drop_last=false", f"dataset.loader={loader}", "dataset.num_workers=0", *extra)
     assert "train 17 / val 4" in summary(res)
     assert "1 epochs x 4 steps" in res.stdout  # 4 full batches; the lone 17th image is not a batch
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["finished"] is True
     assert files(root) == before
 
 
-def test_batch_size_one_with_batchnorm_is_refused_at_start_up(tmp_path):
+def test_batch_size_one_with_batchnorm_is_refused_at_start_up(tmp_path, monkeypatch, capsys, keep_logging):
     root = two_class_tree(tmp_path / "data")
     before = files(tmp_path)
     res = train(tmp_path, "dataset=imagefolder", f"dataset.root={root}", "model=resnet18", "dataset.batch_size=1")
@@ -326,8 +341,8 @@ def test_batch_size_one_with_batchnorm_is_refused_at_start_up(tmp_path):
     # The data was read (and its decoded cache kept for the next run) before the model was built; the rest as it was.
     assert files(tmp_path, tmp_path / "run", tmp_path / "cache") == before
     # Without BatchNorm a batch of one is a valid choice.
-    ok = train(tmp_path, "dataset=imagefolder", f"dataset.root={root}", "model=simple_cnn", "dataset.batch_size=1",
-               "trainer.dry_run=true", run="plain")
+    ok = train_inproc(monkeypatch, capsys, tmp_path, "dataset=imagefolder", f"dataset.root={root}", "model=simple_cnn",
+                      "dataset.batch_size=1", "trainer.dry_run=true", run="plain")
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 

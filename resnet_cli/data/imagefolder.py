@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 MAX_NAMED_LINES = 10
 
 
+def _stats_manifest(path: Path, options: dict) -> dict | None:
+    """The manifest.json keeping `mean: auto` of a tree with its own val/ folder, read only when that is asked."""
+    wanted = options.get("mean") == "auto" or options.get("std") == "auto"
+    return read_manifest(path, split=False) if wanted else None
+
+
 def _listed(names: list[str], limit: int = 5) -> str:
     # ['a', 'b'] or ['a', ..., 'e'] and 7 more: a one-line error stays one readable line.
     if not names:
@@ -83,7 +89,9 @@ def folder_bundle(
     _warn_each("empty class folder %s dropped", [train_dir / c for c in tscan.empty], more="empty class folders")
     if tscan.empty:
         notes.append(f"empty class folders dropped: {shown(tscan.empty)}")
-    saved = read_manifest(manifest_path, split=vscan is None)
+    # A split manifest is always needed; a val/ tree's manifest.json only for `mean: auto` (a name a dataset may
+    # use for a file of its own: left unread otherwise).
+    saved = read_manifest(manifest_path, split=True) if vscan is None else _stats_manifest(manifest_path, options)
     manifest = saved or {}
     if vscan is None:
         depth = len(train_dir.relative_to(root).parts)  # paths are "<class>/..." or "train/<class>/..."
@@ -276,6 +284,6 @@ def flowers102(
     items = {s: [(Path(f).relative_to(base).as_posix(), int(y)) for f, y in zip(ds._image_files, ds._labels)]
              for s, ds in splits.items()}
     classes = list(getattr(splits["train"], "classes", [f"class_{i:03d}" for i in range(102)]))
-    saved = read_manifest(base / "manifest.json", split=False)
+    saved = _stats_manifest(base / "manifest.json", options)
     return files_bundle("flowers102", base, classes, items["train"], items[val_split], manifest=saved,
                         manifest_path=base / "manifest.json", saved_manifest=saved, **options)

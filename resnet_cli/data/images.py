@@ -1,4 +1,4 @@
-"""Reading image files safely: regular files only, fully decoded to RGB as displayed, inside the caller's error handling.
+"""Reading image files safely: regular files only, fully decoded to RGB as displayed, in the caller's error handling.
 
 The one place an image file is opened: the map-style dataset of (path, label) items the DataLoader
 path reads, the decode of a whole split into the uint8 arrays of the memory path, the header read

@@ -89,12 +89,17 @@ def check_decodes(root: Path, items: list[Item], policy: BadImagePolicy) -> list
 
 
 def size_range(sizes: list[tuple[int, int]]) -> str:
-    """'sizes WxH' or 'sizes WxH..WxH' for the start-up summary."""
+    """'sizes WxH', 'sizes WxH, WxH' (up to three distinct sizes) or 'widths A..B, heights C..D px'.
+
+    Never a made-up size: phone photos of 4032x3024 and 3024x4032 are those two sizes, not "3024x3024..4032x4032".
+    """
     if not sizes:
         return "no readable images"
-    w, h = np.array(sizes).T
-    lo, hi = f"{w.min()}x{h.min()}", f"{w.max()}x{h.max()}"
-    return f"sizes {lo}" if lo == hi else f"sizes {lo}..{hi}"
+    distinct, counts = np.unique(np.array(sizes), axis=0, return_counts=True)
+    if len(distinct) <= 3:
+        return "sizes " + ", ".join(f"{w}x{h}" for w, h in distinct[np.argsort(-counts, kind="stable")])
+    w, h = distinct.T
+    return f"widths {w.min()}..{w.max()}, heights {h.min()}..{h.max()} px"
 
 
 def per_class(classes: list[str], train: list[int], val: list[int], limit: int = 8) -> str:

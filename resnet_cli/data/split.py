@@ -32,6 +32,7 @@ from resnet_cli.fileio import is_regular_file, write_json
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
+STATS_KEYS = {"version", "mean", "std"}  # all a manifest.json of ours holds (a val/ tree's `mean: auto`)
 
 
 def split_name(val_fraction: float, split_seed: int) -> str:
@@ -115,12 +116,19 @@ def read_manifest(path: Path, *, split: bool) -> dict | None:
         return None
     again = "delete it to re-split" if split else "delete it to compute it again"
     if not is_regular_file(path):  # a FIFO would block the read, a folder or dangling link cannot be read
+        if not split:  # manifest.json: a name a dataset may use for something of its own
+            log.warning("%s is not a regular file: left alone (dataset.mean=auto is computed each run)", path)
+            return None
         raise UserError(f"{path}: not a regular file; {again}")
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        if not split:
+            log.warning("%s is not a resnet-cli manifest (%s): left alone (dataset.mean=auto is computed each run)",
+                        path, type(exc).__name__)
+            return None
         raise UserError(f"{path}: unreadable ({str(exc).splitlines()[0][:120]}); {again}") from None
-    if not split and not (isinstance(data, dict) and "version" in data):
+    if not split and not (isinstance(data, dict) and "version" in data and set(data) <= STATS_KEYS):
         log.warning("%s is not a resnet-cli manifest: left alone (dataset.mean=auto is computed each run)", path)
         return None
     problem = manifest_problem(data, split=split)
