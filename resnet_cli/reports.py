@@ -125,7 +125,9 @@ def _confusion_picture(true: torch.Tensor, pred: torch.Tensor, count: torch.Tens
     """The picture of a confusion matrix given by its non-zero cells (true, predicted, count)."""
     n_all = len(class_names)
     totals, recall = _per_class(true, pred, count, n_all)
-    shown = torch.arange(n_all) if n_all <= limit else most_confused(true, pred, count, recall, limit)
+    # A class without validation samples has nothing to show: it fills the picture last.
+    fill = torch.where(totals > 0, recall, torch.full_like(recall, 2.0))
+    shown = torch.arange(n_all) if n_all <= limit else most_confused(true, pred, count, fill, limit)
     n = len(shown)
     pos = torch.full((n_all,), -1, dtype=torch.long)
     pos[shown] = torch.arange(n)
@@ -224,7 +226,7 @@ def _class_table(class_names: Sequence[str], acc: Sequence[float], counts: Seque
     rows = list(range(len(class_names)))
     head = []
     if len(rows) > limit:
-        rows = sorted(sorted(rows, key=lambda k: acc[k])[:limit])
+        rows = sorted(sorted(rows, key=lambda k: acc[k] if counts[k] else 2.0)[:limit])  # classes with samples
         head = [f"the {limit} least accurate of {len(class_names)} classes"]
     names = {k: short_name(class_names[k], 40) for k in rows}
     width = max([len("class")] + [len(v) for v in names.values()])

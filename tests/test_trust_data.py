@@ -210,6 +210,8 @@ MALFORMED = {
     "a file in both splits": (_manifest(val=["a/0.png", "b/2.png"]), "in both train and val"),
     "classes not names": (_manifest(classes={"a": 1}), "classes is not a list"),
     "another version": (_manifest(version=7), "version 7"),
+    "a file listed twice": (_manifest(train=["a/0.png", "a/1.png", "a/0.png"]), "'a/0.png' is listed twice"),
+    "nested too deep to parse": ("[" * 100_000 + "]" * 100_000, "unreadable"),
 }
 
 

@@ -92,7 +92,7 @@ class FolderCache:
             if not is_regular_file(self.index_path):
                 raise ValueError("not a regular file")
             data = json.loads(self.index_path.read_text())
-        except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError: ValueErrors
             return self._distrust(self.index_path, f"unreadable: {exc}")
         if not isinstance(data, dict) or not isinstance(data.get("arrays", {}), dict):
             return self._distrust(self.index_path, "not an index of this cache")

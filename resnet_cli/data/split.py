@@ -122,7 +122,7 @@ def read_manifest(path: Path, *, split: bool) -> dict | None:
         raise UserError(f"{path}: not a regular file; {again}")
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError: ValueErrors
         if not split:
             log.warning("%s is not a resnet-cli manifest (%s): left alone (dataset.mean=auto is computed each run)",
                         path, type(exc).__name__)
@@ -143,9 +143,8 @@ def manifest_problem(data: Any, *, split: bool) -> str | None:
         return f"not a JSON object but a {type(data).__name__}"
     if data.get("version") != MANIFEST_VERSION:
         return f"version {data.get('version')!r}, not {MANIFEST_VERSION} (written by another resnet-cli)"
-    for key in ("val_fraction",):
-        if key in data and not _number(data[key]):
-            return f"{key} is not a number"
+    if "val_fraction" in data and not _number(data["val_fraction"]):
+        return "val_fraction is not a number"
     if "split_seed" in data and not (isinstance(data["split_seed"], int) and not isinstance(data["split_seed"], bool)):
         return "split_seed is not an integer"
     for key in ("mean", "std"):
@@ -163,8 +162,14 @@ def manifest_problem(data: Any, *, split: bool) -> str | None:
                 return f"{key}: {problem}"
     both = set(data.get("train", ())) & set(data.get("val", ()))
     if both:
-        return f"{len(both)} files in both train and val (e.g. {sorted(both)[0]})"
+        return f"{len(both)} files in both train and val (e.g. {_quoted(sorted(both)[0])})"
     return None
+
+
+def _quoted(v: Any, limit: int = 80) -> str:
+    # A value from the file, quoted and cut: the error stays one readable line whatever the file holds.
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _number(v: Any) -> bool:
@@ -182,9 +187,12 @@ def _paths_problem(paths: Any) -> str | None:
         return f"not a list but a {type(paths).__name__}"
     for p in paths:
         if not isinstance(p, str) or not p:
-            return f"{p!r} is not a file path"
+            return f"{_quoted(p)} is not a file path"
         if PurePosixPath(p).is_absolute() or ".." in PurePosixPath(p).parts or "\0" in p:
-            return f"{p!r} is not a path inside the data folder"
-    if len(set(paths)) != len(paths):
-        return "a file listed twice"
+            return f"{_quoted(p)} is not a path inside the data folder"
+    seen: set[str] = set()
+    for p in paths:
+        if p in seen:
+            return f"{_quoted(p)} is listed twice"
+        seen.add(p)
     return None
