@@ -92,7 +92,19 @@ def build_training_model(cfg: Any, rt: "Runtime", num_classes: int, image_size: 
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if tcfg.compile:
         model = torch.compile(model)
+    _refuse_batch_of_one(cfg, raw)
     return raw, model
+
+
+def _refuse_batch_of_one(cfg: Any, raw: nn.Module) -> None:
+    # BatchNorm cannot train on one image per batch (torch raises mid-epoch at 1x1 maps; elsewhere the
+    # statistics of one image are noise): an explicit batch of one is refused at start-up, not hours in.
+    from resnet_cli.errors import UserError
+
+    if str(cfg.dataset.get("batch_size")) == "1" and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in raw.modules()):
+        raise UserError(f"dataset.batch_size=1: model={cfg.model.get('name', '?')} has BatchNorm layers, which "
+                        f"cannot train on one image per batch; use dataset.batch_size=2 or more")
 
 
 def _avoid_bf16_grad_hazard(raw: nn.Module, rt: "Runtime", image_size: int, asked: Any) -> None:

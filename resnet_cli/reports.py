@@ -3,6 +3,11 @@
 Images are returned as float CHW tensors in [0, 1], the form TensorBoard's
 `add_image` takes. Text is drawn with PIL's built-in font so no plotting library
 is needed.
+
+Every picture, table and set of TensorBoard tags is bounded in the class count: above
+MAX_SHOWN_CLASSES classes the confusion matrix shows the most confused classes, the per-class
+table the least accurate ones, and no per-class scalars are logged; class names are cut to a
+readable length. (A 1,000-class matrix drawn whole was 26,000 px square: 8 GB as floats.)
 """
 
 from __future__ import annotations
@@ -18,6 +23,14 @@ from resnet_cli.fileio import atomic_write
 
 _TILE = 64  # pixels per thumbnail side in the misclassified grid (small images are scaled up)
 _CELL = 26  # pixels per confusion-matrix cell
+MAX_SHOWN_CLASSES = 30  # classes in a confusion-matrix picture, rows of a per-class table, per-class scalars
+_NAME_CHARS = 24  # a class name in a caption or a matrix label is cut to this many characters
+
+
+def short_name(name: str, limit: int = _NAME_CHARS) -> str:
+    """A class name cut to `limit` characters (with '...'), so captions and labels keep a bounded width."""
+    name = str(name)
+    return name if len(name) <= limit else name[:limit - 3] + "..."
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -58,21 +71,88 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
     return TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
 
 
-def confusion_image(cm: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
-    """The confusion matrix as a picture: rows true, columns predicted, shaded by row share, counts written in."""
-    n = cm.shape[0]
+def _pairs(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:
+    # The non-zero cells of the confusion matrix as (true, predicted, count), from the samples: memory in the
+    # number of samples, never num_classes squared.
+    flat = target.long().cpu() * num_classes + pred.long().cpu()
+    cells, counts = torch.unique(flat, return_counts=True)
+    return cells // num_classes, cells % num_classes, counts
+
+
+def most_confused(true: torch.Tensor, pred: torch.Tensor, count: torch.Tensor, recall: torch.Tensor,
+                  limit: int) -> torch.Tensor:
+    """The classes of the largest off-diagonal cells (true != predicted), at most `limit`, in index order.
+
+    Taken cell by cell from the largest count down; when fewer classes are confused, the least accurate
+    others fill the picture.
+    """
+    off = true != pred
+    order = torch.argsort(count[off], descending=True, stable=True)
+    chosen: dict[int, None] = {}
+    for t, p in zip(true[off][order].tolist(), pred[off][order].tolist()):
+        for c in (t, p):
+            if len(chosen) < limit:
+                chosen.setdefault(c)
+        if len(chosen) >= limit:
+            break
+    for c in torch.argsort(recall, stable=True).tolist():
+        if len(chosen) >= limit:
+            break
+        chosen.setdefault(c)
+    return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+def _per_class(true: torch.Tensor, pred: torch.Tensor, count: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    # (samples per class, recall per class) from the matrix's cells.
+    totals = torch.bincount(true, weights=count.double(), minlength=n)
+    hits = torch.bincount(true[true == pred], weights=count[true == pred].double(), minlength=n)
+    return totals, hits / totals.clamp(min=1)
+
+
+def confusion_image(cm: torch.Tensor, class_names: Sequence[str], limit: int = MAX_SHOWN_CLASSES) -> torch.Tensor:
+    """The confusion matrix as a picture: rows true, columns predicted, shaded by row share, counts written in.
+
+    Above `limit` classes, only the `limit` most confused ones (most_confused) are drawn, with their own
+    indices and a title saying so: the picture is bounded whatever the class count.
+    """
+    cells = cm.nonzero()
+    true, pred = cells[:, 0], cells[:, 1]
+    return _confusion_picture(true, pred, cm[true, pred], class_names, limit)
+
+
+def _confusion_picture(true: torch.Tensor, pred: torch.Tensor, count: torch.Tensor, class_names: Sequence[str],
+                       limit: int) -> torch.Tensor:
+    """The picture of a confusion matrix given by its non-zero cells (true, predicted, count)."""
+    n_all = len(class_names)
+    totals, recall = _per_class(true, pred, count, n_all)
+    # A class without validation samples has nothing to show: it fills the picture last.
+    fill = torch.where(totals > 0, recall, torch.full_like(recall, 2.0))
+    shown = torch.arange(n_all) if n_all <= limit else most_confused(true, pred, count, fill, limit)
+    n = len(shown)
+    pos = torch.full((n_all,), -1, dtype=torch.long)
+    pos[shown] = torch.arange(n)
+    keep = (pos[true] >= 0) & (pos[pred] >= 0)
+    cm = torch.zeros(n, n, dtype=torch.long)
+    cm.index_put_((pos[true[keep]], pos[pred[keep]]), count[keep].long(), accumulate=True)
+    title = f"the {n} most confused of {n_all} classes" if n < n_all else ""
     font = _font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    labels = [f"{i} {name}" for i, name in enumerate(class_names)]
-    left = max(_text_width(probe, s, font) for s in labels) + 10
-    top = 34
-    img = Image.new("RGB", (left + n * _CELL + 4, top + n * _CELL + 4), "white")
+    index = shown.tolist()
+    labels = [f"{c} {short_name(class_names[c])}" for c in index]
+    left = max([_text_width(probe, s, font) for s in labels] + [30]) + 10
+    top = 34 + (14 if title else 0)
+    width = max(left + n * _CELL + 4, _text_width(probe, title, font) + 8)
+    img = Image.new("RGB", (width, top + n * _CELL + 4), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((left, 2), "predicted ->", fill="black", font=font)
-    draw.text((2, 2), "true", fill="black", font=font)
-    share = cm.double() / cm.sum(1, keepdim=True).clamp(min=1)
+    if title:
+        draw.text((2, 2), title, fill="black", font=font)
+    draw.text((left, top - 32), "predicted ->", fill="black", font=font)
+    draw.text((2, top - 32), "true", fill="black", font=font)
+    # Shaded by the share of the whole row (all of the class's samples), also when only some columns are drawn.
+    share = cm.double() / totals[shown].clamp(min=1)[:, None]
     for j in range(n):  # column indices (the names are on the rows)
-        draw.text((left + j * _CELL + 8, top - 14), str(j), fill="black", font=font)
+        draw.text((left + j * _CELL + 8 - 3 * max(0, len(str(index[j])) - 2), top - 14), str(index[j]),
+                  fill="black", font=font)
     for i in range(n):
         draw.text((4, top + i * _CELL + 7), labels[i], fill="black", font=font)
         for j in range(n):
@@ -82,9 +162,9 @@ def confusion_image(cm: torch.Tensor, class_names: Sequence[str]) -> torch.Tenso
             colour = (shade, 255 - int(95 * v), shade) if i == j else (shade, shade, 255)
             x0, y0 = left + j * _CELL, top + i * _CELL
             draw.rectangle([x0, y0, x0 + _CELL - 1, y0 + _CELL - 1], fill=colour, outline=(200, 200, 200))
-            count = int(cm[i, j])
-            if count:
-                draw.text((x0 + 3, y0 + 7), str(count), fill="white" if v > 0.6 else "black", font=font)
+            cell = int(cm[i, j])
+            if cell:
+                draw.text((x0 + 3, y0 + 7), str(cell), fill="white" if v > 0.6 else "black", font=font)
     return _to_tensor(img)
 
 
@@ -128,42 +208,60 @@ def misclassified_grid(wrong: dict, class_names: Sequence[str], mean: Sequence[f
     if wrong.get("images") is None or len(wrong["images"]) == 0:
         return None
     images = denormalize(wrong["images"], mean, std)
-    captions = [(f"true: {class_names[int(t)]}", f"pred: {class_names[int(p)]}", f"conf: {float(c):.0%}")
+    name = lambda k: short_name(class_names[int(k)])  # noqa: E731
+    captions = [(f"true: {name(t)}", f"pred: {name(p)}", f"conf: {float(c):.0%}")
                 for t, p, c in zip(wrong["target"], wrong["pred"], wrong["conf"])]
     return labelled_grid(images, captions)
 
 
-def accuracy_table(cm: torch.Tensor, class_names: Sequence[str]) -> str:
-    """Per-class accuracy and sample count as an aligned text table (terminal and TensorBoard text)."""
-    acc = per_class_accuracy(cm)
-    width = max(len("class"), *(len(n) for n in class_names))
-    rows = [f"{'class'.ljust(width)}  {'acc':>6}  {'n':>6}"]
-    for name, a, n in zip(class_names, acc, cm.sum(1).tolist()):
-        rows.append(f"{name.ljust(width)}  {a:6.4f}  {int(n):6d}")
-    return "\n".join(rows)
+def accuracy_table(cm: torch.Tensor, class_names: Sequence[str], limit: int = MAX_SHOWN_CLASSES) -> str:
+    """Per-class accuracy and sample count as an aligned text table (terminal and TensorBoard text).
+
+    Above `limit` classes, the `limit` least accurate ones (a first line says so).
+    """
+    return _class_table(class_names, per_class_accuracy(cm), cm.sum(1).tolist(), limit)
+
+
+def _class_table(class_names: Sequence[str], acc: Sequence[float], counts: Sequence[float], limit: int) -> str:
+    rows = list(range(len(class_names)))
+    head = []
+    if len(rows) > limit:
+        rows = sorted(sorted(rows, key=lambda k: acc[k] if counts[k] else 2.0)[:limit])  # classes with samples
+        head = [f"the {limit} least accurate of {len(class_names)} classes"]
+    names = {k: short_name(class_names[k], 40) for k in rows}
+    width = max([len("class")] + [len(v) for v in names.values()])
+    head.append(f"{'class'.ljust(width)}  {'acc':>6}  {'n':>6}")
+    return "\n".join(head + [f"{names[k].ljust(width)}  {acc[k]:6.4f}  {int(counts[k]):6d}" for k in rows])
 
 
 def log_evaluation(tracker, val: dict, class_names: Sequence[str], eval_spec: dict, step: int,
                    prefix: str = "val") -> torch.Tensor | None:
     """Write the confusion matrix, per-class accuracy and misclassified grid of a collected evaluation.
 
-    `val` is engine.evaluate(..., collect=True)'s result; returns the confusion matrix
-    (None when the evaluation collected nothing).
+    `val` is engine.evaluate(..., collect=True)'s result; returns the per-class accuracy (None when the
+    evaluation collected nothing). Bounded in the class count: the matrix is computed from its non-zero
+    cells, and above MAX_SHOWN_CLASSES classes no per-class scalars are logged (the table names the least
+    accurate classes).
     """
     if "pred" not in val:
         return None
     n = len(class_names)
-    cm = confusion_matrix(val["pred"], val["target"], n)
-    tracker.image(f"{prefix}/confusion_matrix", confusion_image(cm, class_names), step)
-    tracker.scalars({f"{prefix}_per_class/{name}": a for name, a in zip(class_names, per_class_accuracy(cm))}, step)
+    true, pred, count = _pairs(val["pred"], val["target"], n)
+    totals, recall = _per_class(true, pred, count, n)
+    acc = recall.tolist()
+    tracker.image(f"{prefix}/confusion_matrix", _confusion_picture(true, pred, count, class_names,
+                                                                   MAX_SHOWN_CLASSES), step)
+    if n <= MAX_SHOWN_CLASSES:
+        tracker.scalars({f"{prefix}_per_class/{name}": a for name, a in zip(class_names, acc)}, step)
     # Markdown renders a code block verbatim, so the table stays aligned in TensorBoard's text tab.
-    tracker.text(f"{prefix}/per_class_accuracy", "    " + accuracy_table(cm, class_names).replace("\n", "\n    "), step)
+    table = _class_table(class_names, acc, totals.tolist(), MAX_SHOWN_CLASSES)
+    tracker.text(f"{prefix}/per_class_accuracy", "    " + table.replace("\n", "\n    "), step)
     grid = misclassified_grid(val.get("wrong", {}), class_names, eval_spec["mean"], eval_spec["std"])
     if grid is None:
         # Always at the confusion matrix's step, so both images open on the same epoch.
-        grid = message_image(f"no errors: all {int(cm.sum())} validation images classified right")
+        grid = message_image(f"no errors: all {int(count.sum())} validation images classified right")
     tracker.image(f"{prefix}/misclassified", grid, step)
-    return cm
+    return acc
 
 
 def message_image(text: str, size: tuple[int, int] = (320, 64)) -> torch.Tensor:
@@ -181,7 +279,7 @@ def log_augmented_batch(tracker, bundle, max_images: int = 32) -> None:
     if targets.ndim == 2:  # mixup/cutmix soft targets: the dominant class
         targets = targets.argmax(1)
     names = list(bundle.class_names)
-    captions = [(names[int(t)],) for t in targets.cpu()]
+    captions = [(short_name(names[int(t)]),) for t in targets.cpu()]
     spec = bundle.eval_spec
     # Tiles at the crop size up to 128 px, at least 64 px so a class name fits under each.
     tile = max(_TILE, min(int(images.shape[-1]), 128))

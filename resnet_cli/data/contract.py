@@ -93,6 +93,13 @@ def shard(order: torch.Tensor, rank: int, world_size: int, equal: bool) -> torch
     return order[rank:stop:world_size]
 
 
-def num_batches(num: int, batch_size: int, drop_last: bool) -> int:
-    """Batches in an epoch of `num` samples."""
-    return num // batch_size if drop_last else -(-num // batch_size)
+def num_batches(num: int, batch_size: int, drop_last: bool, *, train: bool = False) -> int:
+    """Batches in an epoch of `num` samples; a training epoch never ends on a remainder batch of one sample.
+
+    BatchNorm cannot train on one sample (torch raises mid-epoch once its maps are 1x1, and one image's
+    statistics are noise anyway), so under drop_last=false a final train batch of one is dropped.
+    """
+    full, rest = divmod(num, batch_size)
+    if drop_last:
+        return full
+    return full + int(rest > (1 if train else 0))

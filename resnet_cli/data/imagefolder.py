@@ -8,6 +8,7 @@ files; here the geometry and the loader are resolved and the decoded cache is us
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,11 +23,36 @@ from resnet_cli.data.loader import BadImagePolicy
 from resnet_cli.data.pipeline import ArraySplit, device_memory, make_bundle
 from resnet_cli.data.policy import choose_loader, resolve_geometry
 from resnet_cli.data.scan import check_decodes, check_headers, per_class, resolve_layout, scan, size_range
-from resnet_cli.data.split import MANIFEST_VERSION, read_manifest, split_items, split_name, write_manifest
+from resnet_cli.data.split import MANIFEST_VERSION, read_manifest, shown, split_items, split_name, write_manifest
 from resnet_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, parse_augment
 from resnet_cli.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# Log lines that name files or classes one by one stop here (then one line counts the rest): a folder of
+# 10,000 classes or stray files must not write 10,000 start-up lines.
+MAX_NAMED_LINES = 10
+
+
+def _stats_manifest(path: Path, options: dict) -> dict | None:
+    """The manifest.json keeping `mean: auto` of a tree with its own val/ folder, read only when that is asked."""
+    wanted = options.get("mean") == "auto" or options.get("std") == "auto"
+    return read_manifest(path, split=False) if wanted else None
+
+
+def _listed(names: list[str], limit: int = 5) -> str:
+    # ['a', 'b'] or ['a', ..., 'e'] and 7 more: a one-line error stays one readable line.
+    if not names:
+        return "none"
+    return repr(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _warn_each(template: str, names: list, *, more: str) -> None:
+    """One warning per name up to MAX_NAMED_LINES, then one line for the rest."""
+    for name in names[:MAX_NAMED_LINES]:
+        log.warning(template, name)
+    if len(names) > MAX_NAMED_LINES:
+        log.warning("... and %d more %s", len(names) - MAX_NAMED_LINES, more)
 
 
 def folder_bundle(
@@ -47,8 +73,8 @@ def folder_bundle(
             only_t = sorted(set(tscan.classes) - set(vscan.classes))
             only_v = sorted(set(vscan.classes) - set(tscan.classes))
             raise UserError(
-                f"{train_dir} and {val_dir} hold different classes (only in train: {only_t or 'none'}; "
-                f"only in val: {only_v or 'none'}); make the class folders match"
+                f"{train_dir} and {val_dir} hold different classes (only in train: {_listed(only_t)}; "
+                f"only in val: {_listed(only_v)}); make the class folders match"
             )
         manifest_path = root / "manifest.json"
         if val_dir.name != "val":
@@ -60,33 +86,34 @@ def folder_bundle(
     classes = [c for c in tscan.classes if c not in tscan.empty]
     if not classes:
         raise UserError(f"{train_dir}: every class folder is empty; put images in {train_dir}/<class>/")
-    for c in tscan.empty:
-        log.warning("empty class folder %s dropped", train_dir / c)
+    _warn_each("empty class folder %s dropped", [train_dir / c for c in tscan.empty], more="empty class folders")
     if tscan.empty:
-        notes.append(f"empty class folders dropped: {', '.join(tscan.empty)}")
-    manifest = read_manifest(manifest_path) or {}
+        notes.append(f"empty class folders dropped: {shown(tscan.empty)}")
+    # A split manifest is always needed; a val/ tree's manifest.json only for `mean: auto` (a name a dataset may
+    # use for a file of its own: left unread otherwise).
+    saved = read_manifest(manifest_path, split=True) if vscan is None else _stats_manifest(manifest_path, options)
+    manifest = saved or {}
     if vscan is None:
         depth = len(train_dir.relative_to(root).parts)  # paths are "<class>/..." or "train/<class>/..."
         manifest, train_items, val_items, split_notes = split_items(
             manifest, {c: tscan.files[c] for c in classes}, depth, val_fraction=val_fraction, split_seed=split_seed,
-            manifest_name=manifest_path.name)
+            manifest_path=manifest_path)
         notes += split_notes
     else:
         index = {c: i for i, c in enumerate(classes)}
         train_items = [(p, index[c]) for c in classes for p in tscan.files[c]]
         val_items = [(p, index[c]) for c in classes for p in vscan.files[c]]
         if vscan.empty:
-            notes.append(f"empty val class folders: {', '.join(vscan.empty)}")
+            notes.append(f"empty val class folders: {shown(vscan.empty)}")
     if len(classes) < 2:
         raise UserError(f"{train_dir}: only one class folder with images ({classes[0]}); a classifier needs at least "
                         f"two, one folder of images per class")
     non_images = tscan.non_images + (vscan.non_images if vscan else [])
     if non_images:
-        for p in non_images:
-            log.warning("ignoring non-image file %s", root / p)
+        _warn_each("ignoring non-image file %s", [root / p for p in non_images], more="non-image files")
         notes.append(f"{len(non_images)} non-image files ignored")
     return files_bundle(name, root, classes, train_items, val_items, manifest=manifest, manifest_path=manifest_path,
-                        notes=notes, **options)
+                        saved_manifest=saved, notes=notes, **options)
 
 
 def files_bundle(
@@ -98,6 +125,7 @@ def files_bundle(
     *,
     manifest: dict | None = None,
     manifest_path: Path | None = None,
+    saved_manifest: dict | None = None,
     notes: list[str] | None = None,
     on_bad_image: str = "error",
     max_bad_images: int = 0,
@@ -116,16 +144,18 @@ def files_bundle(
     device: Any = "cpu",
     **options: Any,
 ) -> DataBundle:
-    """Check the listed image files (headers, optionally full decodes), resolve the geometry, build either loader."""
+    """Check the listed image files (headers, optionally full decodes), resolve the geometry, build either loader.
+
+    `manifest` is what to keep next to the data (`saved_manifest`, the checked file as read, plus anything new);
+    it is written only over a file that was ours or none.
+    """
     policy = BadImagePolicy(on_bad_image, max_bad_images)
     notes, manifest = list(notes or []), dict(manifest or {})
-    saved_manifest = read_manifest(manifest_path) if manifest_path is not None else None
     cache = FolderCache(manifest_path.parent if manifest_path else root,
                         stamp(root, train_items, val_items))
-    scanned = None if verify_images else cache.scanned()
+    scanned = None if verify_images else cache.scanned(root, train_items, val_items)
     if scanned:  # nothing changed since a run saved this scan: no header is read again
-        train_items, val_items = [tuple(i) for i in scanned["train"]], [tuple(i) for i in scanned["val"]]
-        train_sizes = [tuple(s) for s in scanned["sizes"]]
+        train_items, val_items, train_sizes = scanned["train"], scanned["val"], scanned["sizes"]
         for path, reason in scanned["skipped"].items():
             policy(path, reason)
     else:
@@ -157,18 +187,25 @@ def files_bundle(
         train_set, val_set = (_decoded(cache, root, split, items, side, policy, fresh)
                               for split, items in (("train", train_items), ("val", val_items)))
         notes.append(f"decoded cache {side} px: " + (f"miss, decoded {', '.join(fresh)}" if fresh else "hit, no image opened"))
+        # What the arrays hold: a file whose header read but whose body did not decode is not in them.
+        train_labels, val_labels = train_set.labels.tolist(), val_set.labels.tolist()
     else:
         train_set, val_set = ImageFiles(root, train_items), ImageFiles(root, val_items)
+        train_labels, val_labels = [c for _, c in train_items], [c for _, c in val_items]
     if policy.skipped:
         notes.append(f"{len(policy.skipped)} bad images skipped")
-    summary = (f"{name}: {len(classes)} classes, train {len(train_items)} / val {len(val_items)} images, "
-               f"{size_range(train_sizes)}; {per_class(classes, train_items, val_items)}"
+    if not train_labels or not val_labels:
+        raise UserError(f"{root}: no {'training' if not train_labels else 'validation'} image decodes")
+    summary = (f"{name}: {len(classes)} classes, train {len(train_labels)} / val {len(val_labels)} images, "
+               f"{size_range(train_sizes)}; {per_class(classes, train_labels, val_labels)}"
                + "".join(f"; {n}" for n in notes))
     bundle = make_bundle(classes, train_set, val_set, loader=loader, device=device, geometry=geometry,
                          loader_why=loader_why, mean=mean, std=std, augment=augment, memory_budget=memory_budget,
                          bad_policy=policy, summary=summary, **options)
-    # Written only now that the data has loaded, so a failed start leaves the data folder as it was.
-    if manifest_path is not None and manifest and manifest != saved_manifest:
+    # Written only now that the data has loaded, so a failed start leaves the data folder as it was; never over a
+    # file that is not ours (a dataset's own manifest.json).
+    ours = saved_manifest is not None or (manifest_path is not None and not os.path.lexists(manifest_path))
+    if manifest_path is not None and manifest and manifest != saved_manifest and ours:
         write_manifest(manifest_path, manifest)
     if not scanned:
         cache.save_scan({"train": train_items, "val": val_items, "sizes": train_sizes, "skipped": dict(policy.skipped)})
@@ -181,8 +218,8 @@ def _decoded(cache: FolderCache, root: Path, split: str, items: list[Item], side
              fresh: dict[str, ArraySplit]) -> ArraySplit:
     """A split's uint8 images from the cache, or decoded now (then listed in `fresh` when every item decoded)."""
     labels = torch.tensor([c for _, c in items], dtype=torch.long)
-    images = cache.array(split, side)
-    if images is not None and len(images) == len(items):
+    images = cache.array(split, side, len(items))
+    if images is not None:
         return ArraySplit(images, labels)
     arr = decode_split(root, items, side, policy)
     if len(arr.labels) == len(items):  # a file that failed to decode is skipped, not cached
@@ -247,5 +284,6 @@ def flowers102(
     items = {s: [(Path(f).relative_to(base).as_posix(), int(y)) for f, y in zip(ds._image_files, ds._labels)]
              for s, ds in splits.items()}
     classes = list(getattr(splits["train"], "classes", [f"class_{i:03d}" for i in range(102)]))
-    return files_bundle("flowers102", base, classes, items["train"], items[val_split],
-                        manifest_path=base / "manifest.json", **options)
+    saved = _stats_manifest(base / "manifest.json", options)
+    return files_bundle("flowers102", base, classes, items["train"], items[val_split], manifest=saved,
+                        manifest_path=base / "manifest.json", saved_manifest=saved, **options)

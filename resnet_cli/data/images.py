@@ -1,8 +1,10 @@
-"""Reading image files safely: regular files only, fully decoded to RGB inside the caller's error handling.
+"""Reading image files safely: regular files only, fully decoded to RGB as displayed, in the caller's error handling.
 
 The one place an image file is opened: the map-style dataset of (path, label) items the DataLoader
 path reads, the decode of a whole split into the uint8 arrays of the memory path, the header read
-of the start-up check, and the per-channel statistics of `mean: auto`.
+of the start-up check, and the per-channel statistics of `mean: auto`. Every read applies the
+EXIF orientation (a phone photo is stored sideways with a tag saying how to turn it), so training,
+the decoded cache, the start-up sizes and prediction all see the image as a viewer shows it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import stat
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
@@ -23,6 +25,15 @@ from resnet_cli.errors import UserError
 from resnet_cli.fileio import kind_of
 
 Item = tuple[str, int]  # (path relative to the data folder, class index)
+
+# The image files a class folder, resnet-predict and --annotate take: torchvision's IMG_EXTENSIONS plus .gif
+# (PIL decodes its first frame), so what predict accepts is never dropped from training.
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+
+_ORIENTATION = 0x0112  # EXIF Orientation: 5..8 turn the image a quarter, so width and height swap
+_QUARTER_TURNS = (5, 6, 7, 8)
+# Pillow's TIFF reader applies the orientation itself: its header size is already the displayed one.
+_ORIENTED_BY_PILLOW = ("TIFF",)
 
 
 def reason(exc: BaseException) -> str:
@@ -39,17 +50,40 @@ def _open_regular(path: str | os.PathLike) -> Image.Image:
     return Image.open(path)
 
 
+def is_image_name(name: str) -> bool:
+    """Whether a file name has one of IMAGE_SUFFIXES (any case)."""
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _orientation(img: Image.Image) -> int:
+    # The EXIF orientation from what the header put in img.info (the base getexif: PNG's own would decode
+    # the whole file to look for a late eXIf chunk). Unreadable EXIF means "as stored", as viewers do.
+    try:
+        return int(Image.Image.getexif(img).get(_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001  a malformed EXIF block is not a bad image
+        return 1
+
+
 def decode(path: str | os.PathLike) -> Image.Image:
-    """Fully decode an image file into RGB (raises on unreadable, corrupt, truncated or non-regular files)."""
+    """Fully decode an image file into RGB as displayed (EXIF orientation applied); raises on unreadable,
+    corrupt, truncated or non-regular files."""
     with _open_regular(path) as img:
         img.load()  # decode now, inside the caller's error handling, not lazily in a transform
+        if _orientation(img) != 1:
+            try:
+                ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the (usual) unturned image
+            except Exception:  # noqa: BLE001  malformed EXIF: as stored, as read_size said
+                pass
         return to_rgb(img)
 
 
 def read_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the header alone: cheap enough for every file at start-up."""
+    """(width, height) as displayed (EXIF orientation applied), from the header alone: cheap for every file."""
     with _open_regular(path) as img:
-        return img.size
+        w, h = img.size
+        if img.format not in _ORIENTED_BY_PILLOW and _orientation(img) in _QUARTER_TURNS:
+            return h, w
+        return w, h
 
 
 class ImageFiles(Dataset):

@@ -121,7 +121,7 @@ class EpochBatchSampler(Sampler):
 
     def total(self) -> int:
         """Batches in a whole epoch."""
-        return num_batches(self.num_samples, self.batch_size, self.drop_last)
+        return num_batches(self.num_samples, self.batch_size, self.drop_last, train=self.shuffle)
 
     def __len__(self) -> int:
         return max(0, self.total() - self.start)
@@ -169,7 +169,7 @@ class LoaderSource:
             len(dataset), batch_size, shuffle=train, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last and train
         )
         self.batch_size, self.num_samples, self.seed, self.rank = batch_size, self.sampler.num_samples, seed, rank
-        self.mixer = mixer if train else None
+        self.mixer, self.train = (mixer if train else None), train
         self.bad_policy = bad_policy or BadImagePolicy()
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self._loader: DataLoader | None = None
@@ -206,8 +206,8 @@ class LoaderSource:
         for b, (images, targets, bad) in enumerate(self._loader, start):
             for sample in bad:
                 self.bad_policy(sample.path, sample.reason)
-            if images is None:
-                continue
+            if images is None or (self.train and bad and len(images) == 1):
+                continue  # skipped images left nothing, or one image BatchNorm cannot train on
             if self.mixer is not None:
                 images, targets = self.mixer(images, targets, mix_seed(self.seed, self.sampler.epoch, self.rank, b))
             yield images, targets

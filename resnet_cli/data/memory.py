@@ -80,7 +80,7 @@ class MemorySource:
         self.set_epoch(0)
 
     def __len__(self) -> int:
-        return num_batches(self.num_samples, self.batch_size, self.drop_last)
+        return num_batches(self.num_samples, self.batch_size, self.drop_last, train=self.train)
 
     def set_epoch(self, epoch: int) -> None:
         """Draw the epoch's order and every sample's augmentation from (seed, epoch)."""

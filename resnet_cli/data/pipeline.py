@@ -88,6 +88,7 @@ def make_bundle(
     size = geometry.image_size
     mixer = make_mixer(len(class_names), mixup_alpha, cutmix_alpha)
     common = dict(seed=seed, rank=rank, world_size=world_size)
+    calib_batch = max(2, val_batch_size or batch_size)  # update_bn trains BatchNorm: never a batch of one
     if loader == "memory":
         kw = dict(image_size=size, crop=geometry.crop, scale=scale, mean=mean, std=std, **common)
         train_src = MemorySource(
@@ -98,9 +99,9 @@ def make_bundle(
         workers = 0
 
         def calibration(k: int) -> BatchSource:
-            idx = calibration_indices(len(train.labels), k, seed).to(train_src.device)
+            idx = calibration_indices(len(train.labels), without_lone_tail(k, calib_batch), seed).to(train_src.device)
             kw_one = {**kw, "rank": 0, "world_size": 1}  # every rank sees the same images: identical BN buffers
-            return MemorySource(train_src.images[idx], train_src.labels[idx], batch_size=val_batch_size or batch_size,
+            return MemorySource(train_src.images[idx], train_src.labels[idx], batch_size=calib_batch,
                                 train=False, **kw_one)
     else:
         workers = resolve_workers(num_workers)
@@ -116,14 +117,22 @@ def make_bundle(
 
         def calibration(k: int) -> BatchSource:
             ds = as_ds(train)
-            idx = calibration_indices(len(ds), k, seed).tolist()
-            return LoaderSource(Subset(ds, idx), val_tf, batch_size=val_batch_size or batch_size, train=False,
+            idx = calibration_indices(len(ds), without_lone_tail(k, calib_batch), seed).tolist()
+            return LoaderSource(Subset(ds, idx), val_tf, batch_size=calib_batch, train=False,
                                 **{**kw, "rank": 0, "world_size": 1})
     eval_spec = {"resize": int(geometry.resize), "crop": int(size), "mean": mean, "std": std}
     plan = (f"{geometry.describe()}; batch {batch_size} ({batch_why}); loader {loader} ({loader_why})"
             + (f", {workers} workers" if loader == "dataloader" else ""))
     return DataBundle(list(class_names), train_src, val_src, eval_spec, summary, plan=plan, workers=workers,
                       calibration=calibration)
+
+
+def without_lone_tail(k: int, batch_size: int) -> int:
+    """k, less one when k images in batches of `batch_size` would end on a batch of one.
+
+    update_bn runs the model in train mode, where BatchNorm cannot take one sample at 1x1 maps.
+    """
+    return k - 1 if k > 1 and k % batch_size == 1 else k
 
 
 def calibration_indices(n: int, k: int, seed: int) -> torch.Tensor:

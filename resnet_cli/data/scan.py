@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
+from torchvision.datasets.folder import find_classes
 
-from resnet_cli.data.images import Item, decode, read_size, reason
+from resnet_cli.data.images import Item, decode, is_image_name, read_size, reason
 from resnet_cli.data.loader import BadImagePolicy
 from resnet_cli.errors import UserError
 
@@ -33,7 +33,7 @@ class Scan:
 
 
 def scan(folder: Path, rel_to: Path) -> Scan:
-    """Class folders under `folder`: images per class (torchvision's IMG_EXTENSIONS), empty classes, other files."""
+    """Class folders under `folder`: images per class (images.IMAGE_SUFFIXES), empty classes, other files."""
     try:
         classes, _ = find_classes(str(folder))
     except FileNotFoundError:
@@ -49,7 +49,7 @@ def scan(folder: Path, rel_to: Path) -> Scan:
                 if fn.startswith("."):
                     continue
                 rel = Path(dirpath, fn).relative_to(rel_to).as_posix()
-                (found if has_file_allowed_extension(fn, IMG_EXTENSIONS) else result.non_images).append(rel)
+                (found if is_image_name(fn) else result.non_images).append(rel)
         files[name] = sorted(found)
         if not found:
             result.empty.append(name)
@@ -89,17 +89,27 @@ def check_decodes(root: Path, items: list[Item], policy: BadImagePolicy) -> list
 
 
 def size_range(sizes: list[tuple[int, int]]) -> str:
-    """'sizes WxH' or 'sizes WxH..WxH' for the start-up summary."""
+    """'sizes WxH', 'sizes WxH, WxH' (up to three distinct sizes) or 'widths A..B, heights C..D px'.
+
+    Never a made-up size: phone photos of 4032x3024 and 3024x4032 are those two sizes, not "3024x3024..4032x4032".
+    """
     if not sizes:
         return "no readable images"
-    w, h = np.array(sizes).T
-    lo, hi = f"{w.min()}x{h.min()}", f"{w.max()}x{h.max()}"
-    return f"sizes {lo}" if lo == hi else f"sizes {lo}..{hi}"
+    distinct, counts = np.unique(np.array(sizes), axis=0, return_counts=True)
+    if len(distinct) <= 3:
+        return "sizes " + ", ".join(f"{w}x{h}" for w, h in distinct[np.argsort(-counts, kind="stable")])
+    w, h = distinct.T
+    return f"widths {w.min()}..{w.max()}, heights {h.min()}..{h.max()} px"
 
 
-def per_class(classes: list[str], train: list[Item], val: list[Item]) -> str:
-    """'train/val per class: a 10/2, b 9/3, ...' (the first eight classes) for the start-up summary."""
-    counts = [(np.bincount([c for _, c in s], minlength=len(classes))) for s in (train, val)]
-    parts = [f"{n} {counts[0][i]}/{counts[1][i]}" for i, n in enumerate(classes)]
-    shown = ", ".join(parts[:8]) + (f", ... ({len(parts) - 8} more)" if len(parts) > 8 else "")
-    return f"train/val per class: {shown}"
+def per_class(classes: list[str], train: list[int], val: list[int], limit: int = 8) -> str:
+    """'train/val per class: a 10/2, b 9/3, ...' from the labels of each split: the first `limit` classes."""
+    counts = [np.bincount(np.asarray(s, dtype=np.int64), minlength=len(classes)) for s in (train, val)]
+    parts = [f"{_short(n)} {counts[0][i]}/{counts[1][i]}" for i, n in enumerate(classes[:limit])]
+    more = f", ... ({len(classes) - limit} more)" if len(classes) > limit else ""
+    return f"train/val per class: {', '.join(parts)}{more}"
+
+
+def _short(name: str, limit: int = 40) -> str:
+    # A class folder's name can be 255 characters: the summary line stays readable.
+    return name if len(name) <= limit else name[:limit - 3] + "..."
