@@ -651,3 +651,21 @@ def test_the_drawn_cases_reach_both_results_and_refusals_of_every_tool():
         pytest.skip("runs after the property test in the same process (pytest -n: a file per worker)")
     for name in FLAGS:
         assert OUTCOMES.get(f"{name}:0", 0) >= 2 and OUTCOMES.get(f"{name}:2", 0) >= 2, OUTCOMES
+
+
+def test_runs_written_inside_the_data_folder_are_not_a_class(cli, tmp_path, capsys, monkeypatch):
+    """`cd photos && resnet-train dataset=imagefolder dataset.root=.`: outputs/ lands in the data folder."""
+    from resnet_cli import evaluate
+
+    data = write_class_folders(tmp_path / "photos", per_class=12, size=16, classes=["ant", "bee"])
+    args = ["dataset=imagefolder", "dataset.root=.", *SMALL[:-1], "model=simple_cnn"]
+    first = cli(*args, cwd=data)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = cli(*args, cwd=data)  # outputs/ (with curves.png) now sits beside ant/ and bee/
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "run folders ignored: outputs" in second.stdout + second.stderr
+    runs = sorted(p.parent for p in (data / "outputs").rglob("last.pt"))
+    assert [json.loads((r / "class_names.json").read_text()) for r in runs] == [["ant", "bee"]] * 2
+    monkeypatch.chdir(data)  # the stored root is relative, as typed
+    code, err, _ = run_tool(evaluate.main, [runs[0], "--no-tensorboard"], capsys)
+    assert code == 0, err

@@ -89,6 +89,11 @@ def folder_bundle(
     _warn_each("empty class folder %s dropped", [train_dir / c for c in tscan.empty], more="empty class folders")
     if tscan.empty:
         notes.append(f"empty class folders dropped: {shown(tscan.empty)}")
+    runs = tscan.runs + (vscan.runs if vscan is not None else [])
+    if runs:
+        log.warning("%s: not classes: %s hold resnet-cli run folders (is output_root inside dataset.root?)",
+                    train_dir, shown(runs))
+        notes.append(f"run folders ignored: {shown(runs)}")
     # A split manifest is always needed; a val/ tree's manifest.json only for `mean: auto` (a name a dataset may
     # use for a file of its own: left unread otherwise).
     saved = read_manifest(manifest_path, split=True) if vscan is None else _stats_manifest(manifest_path, options)

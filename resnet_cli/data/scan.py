@@ -30,6 +30,12 @@ class Scan:
     files: dict[str, list[str]]  # class -> image paths relative to the data folder, sorted
     empty: list[str] = field(default_factory=list)
     non_images: list[str] = field(default_factory=list)
+    runs: list[str] = field(default_factory=list)  # folders of resnet-cli runs: never a class
+
+
+# What a resnet-cli run folder holds (Hydra's record and the run lock): found under a class folder, it is
+# not a class.
+RUN_MARKS = {".hydra", ".resnet-cli.lock"}
 
 
 def scan(folder: Path, rel_to: Path) -> Scan:
@@ -41,18 +47,26 @@ def scan(folder: Path, rel_to: Path) -> Scan:
     classes = [c for c in classes if not c.startswith(".")]  # .git, .ipynb_checkpoints, ...: never a class
     files: dict[str, list[str]] = {}
     result = Scan(classes, files)
-    for name in classes:
-        found = []
+    for name in list(classes):
+        found, others = [], []
         for dirpath, dirnames, filenames in os.walk(folder / name):
+            if RUN_MARKS & {*dirnames, *filenames}:
+                # A resnet-cli run folder (output_root inside dataset.root, e.g. `outputs/` under `.`): its
+                # curves.png would train as images of a class named after the output folder.
+                classes.remove(name)
+                result.runs.append(name)
+                break
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for fn in filenames:
                 if fn.startswith("."):
                     continue
                 rel = Path(dirpath, fn).relative_to(rel_to).as_posix()
-                (found if is_image_name(fn) else result.non_images).append(rel)
-        files[name] = sorted(found)
-        if not found:
-            result.empty.append(name)
+                (found if is_image_name(fn) else others).append(rel)
+        else:
+            files[name] = sorted(found)
+            result.non_images += others
+            if not found:
+                result.empty.append(name)
     return result
 
 
