@@ -143,10 +143,21 @@ def format_report(report: dict) -> str:
              report["weights_detail"],
              f"accuracy {report['accuracy']:.4f}  loss {report['loss']:.4f}"
              + (f"  top5 {report['top5']:.4f}" if "top5" in report else ""), "",
-             reports.accuracy_table(cm, names), "", "confusion matrix (rows true, columns predicted):"]
-    width = max(4, len(str(int(cm.max()))) + 1)
-    lines.append("    " + "".join(str(j).rjust(width) for j in range(len(names))))
-    for i, row in enumerate(cm.tolist()):
+             reports.accuracy_table(cm, names), ""]
+    shown = list(range(len(names)))
+    if len(names) > reports.MAX_SHOWN_CLASSES:  # a terminal (and a reader) takes a bounded matrix
+        cells = cm.nonzero()
+        true, pred = cells[:, 0], cells[:, 1]
+        recall = torch.tensor(reports.per_class_accuracy(cm), dtype=torch.double)
+        shown = reports.most_confused(true, pred, cm[true, pred], recall, reports.MAX_SHOWN_CLASSES).tolist()
+        lines.append(f"confusion matrix of the {len(shown)} most confused of {len(names)} classes "
+                     f"(rows true, columns predicted; the JSON report holds every class):")
+    else:
+        lines.append("confusion matrix (rows true, columns predicted):")
+    sub = cm[shown][:, shown]
+    width = max(4, len(str(int(cm.max()))) + 1, len(str(max(shown))) + 1)
+    lines.append("    " + "".join(str(j).rjust(width) for j in shown))
+    for i, row in zip(shown, sub.tolist()):
         lines.append(str(i).rjust(3) + " " + "".join(str(v).rjust(width) for v in row) + f"  {names[i]}")
     return "\n".join(lines)
 

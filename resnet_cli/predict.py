@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -44,6 +43,8 @@ def _kind(path: Path) -> str:
 
 def find_images(inputs: Sequence[str]) -> list[Path]:
     """Image files named directly or found (recursively, sorted) in folders; UserError for a bad path."""
+    from resnet_cli.data.images import IMAGE_SUFFIXES
+
     found: list[Path] = []
     for item in inputs:
         if _URL.match(str(item)):
