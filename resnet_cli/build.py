@@ -190,5 +190,7 @@ def build_settings(cfg: Any, rt: "Runtime", *, interval: str | None = None) -> "
 
 
 def _goal(monitor: Any) -> str:
-    # val_acc should rise, val_loss fall (trainer.monitor is an enum in the typed config).
-    return "max" if str(getattr(monitor, "value", monitor)) == "val_acc" else "min"
+    # Accuracies should rise, the loss fall (auto resolves to an accuracy).
+    from resnet_cli.config import Monitor
+
+    return Monitor(str(monitor)).goal

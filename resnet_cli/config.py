@@ -20,7 +20,22 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 
-class Precision(str, Enum):
+class Word(str, Enum):
+    """An enum of plain words that builders read as the strings they are.
+
+    Hydra hands a typed node's enum members to the builders as they are; str() and format() give
+    the word itself here (a plain `str, Enum` gives 'Loader.memory' before Python 3.11's StrEnum),
+    so builders compare, lower() and print them like any other string.
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Precision(Word):
     """Autocast precision; auto = bf16 where the device supports it, else fp16 on CUDA, else fp32."""
 
     auto = "auto"
@@ -29,11 +44,20 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
-class Monitor(str, Enum):
-    """The validation metric that picks best.pt and drives early stopping."""
+class Monitor(Word):
+    """The validation metric that picks best.pt and drives early stopping and a metric-driven schedule.
 
-    val_acc = "val_acc"
-    val_loss = "val_loss"
+    auto: val_balanced_acc when the training classes are imbalanced (resnet_cli.metrics.resolve_monitor),
+    else val_acc.
+    """
+
+    auto, val_acc, val_loss = "auto", "val_acc", "val_loss"
+    val_balanced_acc, val_macro_f1 = "val_balanced_acc", "val_macro_f1"
+
+    @property
+    def goal(self) -> str:
+        """max when a better value is a higher one (every metric but the loss), else min."""
+        return "min" if self is Monitor.val_loss else "max"
 
 
 @dataclass
@@ -57,7 +81,7 @@ class TrainerConfig:
     warmup_epochs: float = 0.0  # linear warm-up before an epoch/step schedule (not OneCycle)
     weight_decay_norm_bias: bool = True  # false = no weight decay on norm weights and biases
     backbone_lr_scale: float = 1.0  # lr multiplier for everything but the classifier (fine-tuning)
-    monitor: Monitor = Monitor.val_acc
+    monitor: Monitor = Monitor.auto
     early_stop_patience: int = 0  # epochs without improvement before stopping; 0 = off
     log_every_n_steps: int = 20  # the only steps that synchronise host and device
     progress_every_n_steps: int = 0  # without a progress bar: a log line every N steps; 0 = about 10 per epoch
@@ -85,21 +109,6 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     output_root: str = "outputs"  # where run folders go; trainer.resume=auto searches here
     name: str = "resnet"  # a label for the run (TensorBoard hparams, sweep summaries)
-
-
-class Word(str, Enum):
-    """An enum of plain words that builders read as the strings they are.
-
-    Hydra hands a typed node's enum members to the builders as they are; str() and format() give
-    the word itself here (a plain `str, Enum` gives 'Loader.memory' before Python 3.11's StrEnum),
-    so builders compare, lower() and print them like any other string.
-    """
-
-    def __str__(self) -> str:
-        return str(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self.value), spec)
 
 
 class Loader(Word):

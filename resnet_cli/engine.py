@@ -103,13 +103,15 @@ class Progress:
     bad_steps: int = 0  # non-finite steps skipped so far (trainer.max_bad_steps)
     best_value: float | None = None  # the monitored metric's best value, and its epoch (1-based)
     best_epoch: int = -1
+    best_detail: dict = field(default_factory=dict)  # per-class metrics and top confusions at the best epoch
     history: list[dict] = field(default_factory=list)  # one row per finished epoch
     running: Running | None = None  # the current epoch's sums, so a mid-epoch resume reports the same means
 
     def state_dict(self) -> dict:
         """The progress entries of a checkpoint (see docs/ARCHITECTURE.md)."""
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "bad_steps": self.bad_steps, "best": {"value": self.best_value, "epoch": self.best_epoch},
+                "bad_steps": self.bad_steps,
+                "best": {"value": self.best_value, "epoch": self.best_epoch, "detail": self.best_detail},
                 "running": self.running.state_dict() if self.running is not None else None,
                 "history": self.history}
 
@@ -119,6 +121,7 @@ class Progress:
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step, self.bad_steps = int(state["global_step"]), int(state.get("bad_steps", 0))
         self.best_value, self.best_epoch = best.get("value"), best.get("epoch", -1)
+        self.best_detail = dict(best.get("detail") or {})
         self.history = list(state.get("history", []))
         self.running = Running.from_state(state["running"], device) if state.get("running") else None
 
@@ -295,15 +298,16 @@ def evaluate(model: nn.Module, batches: Iterable, rt: Runtime, *, limit: int = 0
              collect: bool = False, keep_wrong: int = 16) -> dict:
     """Loss, top-1 (and top-5 when there are more than 5 classes) over a split.
 
-    With `collect`, also returns per-sample predictions and targets (for the
-    confusion matrix) and the `keep_wrong` most confidently misclassified images.
+    With `collect`, also returns per-sample predictions, targets, confidences and losses (for the
+    confusion matrix, the per-class metrics and misclassified.csv, in the split's order) and the
+    `keep_wrong` most confidently misclassified images.
     """
     model.eval()
     loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
     correct = torch.zeros((), device=rt.device, dtype=torch.int64)
     correct5 = torch.zeros((), device=rt.device, dtype=torch.int64)
     count = 0
-    preds, targs = [], []
+    preds, targs, confs, losses = [], [], [], []
     wrong = {"conf": torch.empty(0), "pred": torch.empty(0, dtype=torch.long),
              "target": torch.empty(0, dtype=torch.long), "images": None}
     for i, batch in enumerate(batches):
@@ -313,7 +317,8 @@ def evaluate(model: nn.Module, batches: Iterable, rt: Runtime, *, limit: int = 0
         with rt.autocast():
             logits = model(images)
         logits = logits.float()
-        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").double()
+        each = nn.functional.cross_entropy(logits, targets, reduction="none")
+        loss_sum += each.sum().double()
         pred = logits.argmax(1)
         correct += (pred == targets).sum()
         if num_classes > 5:
@@ -322,6 +327,7 @@ def evaluate(model: nn.Module, batches: Iterable, rt: Runtime, *, limit: int = 0
         if collect:
             conf = logits.softmax(1).max(1).values
             preds.append(pred.cpu()), targs.append(targets.cpu())
+            confs.append(conf.cpu()), losses.append(each.cpu())
             _keep_most_confident_wrong(wrong, images, conf, pred, targets, keep_wrong)
     t = torch.stack([loss_sum, correct.double(), correct5.double(),
                      torch.tensor(float(count), device=rt.device, dtype=torch.float64)])
@@ -334,8 +340,28 @@ def evaluate(model: nn.Module, batches: Iterable, rt: Runtime, *, limit: int = 0
         out["top5"] = c5 / n
     if collect and preds:
         out["pred"], out["target"] = torch.cat(preds), torch.cat(targs)
+        out["conf"], out["sample_loss"] = torch.cat(confs), torch.cat(losses)
         out["wrong"] = wrong
     return out
+
+
+def gather_samples(out: dict, rt: Runtime) -> dict:
+    """The per-sample results of every rank's val shard, in the split's order (rank r held r, r+W, r+2W, ...).
+
+    A no-op in one process; under torchrun every rank must call it (a collective) after evaluate(collect=True).
+    """
+    if not rt.distributed or "pred" not in out:
+        return out
+    keys = ("pred", "target", "conf", "sample_loss")
+    mine = [out[k] for k in keys]
+    parts: list = [None] * rt.world_size
+    dist.all_gather_object(parts, mine)
+    total = sum(len(p[0]) for p in parts)
+    merged = {k: torch.empty(total, dtype=mine[i].dtype) for i, k in enumerate(keys)}
+    for rank, part in enumerate(parts):
+        for i, k in enumerate(keys):
+            merged[k][rank::rt.world_size] = part[i]
+    return {**out, **merged}
 
 
 def _keep_most_confident_wrong(wrong: dict, images, conf, pred, targets, k: int) -> None:

@@ -36,7 +36,8 @@ log = logging.getLogger("resnet_cli")
 LAST, BEST = "last.pt", "best.pt"
 MARKERS = (LAST, "metrics.json")  # either one means the folder holds a run
 # What a run writes into its folder; trainer.overwrite=true removes these before the new run starts.
-ARTIFACTS = ("last.pt", "best.pt", "metrics.json", "class_names.json", "resumed_into.txt", "topk")
+ARTIFACTS = ("last.pt", "best.pt", "metrics.json", "class_names.json", "resumed_into.txt", "topk", "results.csv",
+             "misclassified.csv", "curves.png")
 
 
 LOCK = ".resnet-cli.lock"

@@ -158,16 +158,25 @@ HPARAM_METRICS = ("val/best_acc", "val/acc", "val/loss", "train/loss", "train/ac
 
 
 def write_metrics(tracker: Tracker, history: list[dict], best_epoch: int, *, finished: bool, seconds: float,
-                  monitor: str) -> None:
-    """metrics.json: the best and final values, whether the run finished, and every epoch's row."""
+                  monitor: str, detail: dict | None = None, test: dict | None = None) -> None:
+    """metrics.json: the best and final values, whether the run finished, and every epoch's row.
+
+    `detail` is the best epoch's per-class metrics (metrics.classification plus confused_pairs); `test`
+    the held-out test split's, measured once with the weights the run kept.
+    """
     row = history[-1]
     best_row = next((r for r in history if r["epoch"] == best_epoch), row)
+    detail = detail or {}
     tracker.write_json("metrics.json", {
         "best_val_acc": max(r["val_acc"] for r in history),
         "best_epoch": best_epoch,
         "monitor": monitor,
         "best_val_loss": min(r["val_loss"] for r in history),
         "best_monitored_row": best_row,
+        **({"best_val_balanced_acc": detail["balanced_accuracy"], "best_val_macro_f1": detail["macro_f1"],
+            "best_val_per_class": detail["per_class"], "best_val_confused_pairs": detail["confused_pairs"]}
+           if detail else {}),
+        **({f"test_{k}": v for k, v in test.items()} if test else {}),
         "final_val_acc": row["val_acc"],
         "final_val_loss": row["val_loss"],
         "epochs": len(history),

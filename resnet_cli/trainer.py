@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_cli import build, checkpoint, engine, reports, tracking
+from resnet_cli import build, checkpoint, engine, metrics, reports, tracking
 from resnet_cli.errors import UserError
 from resnet_cli.fileio import atomic_write, write_json
 from resnet_cli.optim import lr_by_role, steps_on_metric
@@ -29,6 +29,15 @@ from resnet_cli.signals import Preempted, StopFlag
 from resnet_cli.tracking import Tracker, table_header, table_row
 
 log = logging.getLogger("resnet_cli")
+
+RESULTS = "results.csv"  # one row per epoch: the columns of the epoch table and the metrics beside it
+MISCLASSIFIED = "misclassified.csv"  # at the best epoch: every val image the kept weights get wrong
+MISCLASSIFIED_COLUMNS = ("file", "true", "predicted", "confidence", "loss")
+
+
+def _columns(history: list[dict]) -> list[str]:
+    # Every key any row has, in first-seen order (EMA or top-5 columns appear with the runs that have them).
+    return list(dict.fromkeys(k for row in history for k in row))
 
 
 @dataclass(frozen=True)
@@ -40,13 +49,16 @@ class Plan:
     steps_per_epoch: int  # optimizer steps
     log_every: int  # optimizer steps between logged (synced) steps
     checkpoint_every: int  # optimizer steps between mid-epoch checkpoints (0: at epoch ends only)
-    monitor: str  # val_acc | val_loss: picks best.pt, early stopping and a metric-driven schedule
+    monitor: str  # val_acc | val_loss | val_balanced_acc | val_macro_f1: picks best.pt, early stops, a schedule
     patience: int  # epochs without improvement before an early stop (0: never)
     limit_val_batches: int  # 0: the whole split
 
     @classmethod
-    def of(cls, tcfg: Any, train_batches: int, batch_size: int, samples: int) -> "Plan":
-        """The plan for `train_batches` batches per epoch on this process; one-line UserError when no step fits."""
+    def of(cls, tcfg: Any, train_batches: int, batch_size: int, samples: int, monitor: str) -> "Plan":
+        """The plan for `train_batches` batches per epoch on this process; one-line UserError when no step fits.
+
+        `monitor` is trainer.monitor resolved for the data (metrics.resolve_monitor).
+        """
         accum = max(1, int(tcfg.grad_accum_steps))
         batches = min(train_batches, tcfg.limit_train_batches) if tcfg.limit_train_batches else train_batches
         if batches == 0:
@@ -57,16 +69,21 @@ class Plan:
         steps = batches // accum  # an incomplete last window would be dropped anyway
         return cls(epochs=int(tcfg.epochs), batches_per_epoch=steps * accum, steps_per_epoch=steps,
                    log_every=max(1, int(tcfg.log_every_n_steps)), checkpoint_every=int(tcfg.checkpoint_every_n_steps),
-                   monitor=str(getattr(tcfg.monitor, "value", tcfg.monitor)), patience=int(tcfg.early_stop_patience),
+                   monitor=monitor, patience=int(tcfg.early_stop_patience),
                    limit_val_batches=int(tcfg.limit_val_batches))
 
     def monitored(self, val: dict) -> float:
         """The monitored metric of a validation result."""
-        return val["acc"] if self.monitor == "val_acc" else val["loss"]
+        return metrics.monitored_value(self.monitor, val)
+
+    @property
+    def rises(self) -> bool:
+        """Whether a better value of the monitored metric is a higher one (all but the loss)."""
+        return self.monitor != "val_loss"
 
     def improved(self, value: float, best: float | None) -> bool:
         """Whether `value` of the monitored metric beats `best` (any value beats none)."""
-        return best is None or (value > best if self.monitor == "val_acc" else value < best)
+        return best is None or (value > best if self.rises else value < best)
 
 
 @contextmanager
@@ -85,7 +102,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Iterator["Trainer"]:
             log.info("run folder: %s", resume.run_dir.resolve())
             if data.summary:
                 log.info("data: %s", data.summary)
-        plan = Plan.of(cfg.trainer, len(data.train), data.train.batch_size, data.train.num_samples)
+        monitor, monitor_why = metrics.resolve_monitor(str(cfg.trainer.monitor), data.class_counts)
+        plan = Plan.of(cfg.trainer, len(data.train), data.train.batch_size, data.train.num_samples, monitor)
         raw, model = build.build_training_model(cfg, rt, len(data.class_names), data.eval_spec["crop"])
         if rt.is_main:  # after the model: its shapes can overrule precision auto (build._avoid_bf16_grad_hazard)
             log.info("runtime: %s", rt.describe())
@@ -95,8 +113,9 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Iterator["Trainer"]:
             from resnet_cli.optim import describe_recipe
 
             batch = data.train.batch_size * settings.accum_steps * rt.world_size
-            log.info("plan: %s; recipe: %s", data.plan, describe_recipe(parts.optimizer, parts.scheduler, batch,
-                                                                        plan.epochs, plan.steps_per_epoch))
+            log.info("plan: %s; recipe: %s; best.pt by %s (%s)", data.plan,
+                     describe_recipe(parts.optimizer, parts.scheduler, batch, plan.epochs, plan.steps_per_epoch),
+                     plan.monitor, monitor_why)
         yield Trainer(cfg, resume.run_dir, data, parts, settings, plan, resume_from=resume.checkpoint,
                       hydra_dir=run_dir)
     finally:
@@ -142,7 +161,7 @@ class Trainer:
         self.class_names = list(data.class_names)
         self.identity = {"config": to_plain(cfg), "class_names": self.class_names, "eval_spec": data.eval_spec}
         self.writer = checkpoint.CheckpointWriter(self.run_dir, top_k=int(cfg.trainer.save_top_k),
-                                                  higher_is_better=plan.monitor == "val_acc", last_good=resume_from)
+                                                  higher_is_better=plan.rises, last_good=resume_from)
         self.guard = engine.LossGuard(int(cfg.trainer.max_bad_steps), self.progress, lambda: self.writer.last_good)
         self.lrs = lr_by_role(parts.optimizer)  # the rates the latest step used (what the logs show)
         self.lr_steps = array("d")  # the lr of every step (8 bytes each), for curves.png
@@ -268,9 +287,11 @@ class Trainer:
             for net in (self.parts.raw_model, self.parts.ema.module if self.parts.ema is not None else None):
                 if net is not None:
                     engine.recalibrate_bn(net, self.calibration.iter_from(0), self.rt)
-        val = engine.evaluate(self.parts.model, self.data.val.iter_from(0), self.rt,
-                              limit=self.plan.limit_val_batches, num_classes=len(self.class_names),
-                              collect=self.rt.is_main)
+        # Per-sample results on every rank (a collective gathers them): the per-class metrics need them all.
+        val = engine.gather_samples(engine.evaluate(self.parts.model, self.data.val.iter_from(0), self.rt,
+                                                    limit=self.plan.limit_val_batches,
+                                                    num_classes=len(self.class_names), collect=True), self.rt)
+        val["classes"] = metrics.classification(val["pred"], val["target"], self.class_names)
         if self.parts.ema is not None:
             val["ema"] = engine.evaluate(self.parts.ema.module, self.data.val.iter_from(0), self.rt,
                                          limit=self.plan.limit_val_batches, num_classes=len(self.class_names))
@@ -287,8 +308,13 @@ class Trainer:
         improved = plan.improved(value, p.best_value)
         if improved:
             p.best_value, p.best_epoch = value, epoch + 1
+            p.best_detail = {**val["classes"], "confused_pairs": metrics.confused_pairs(val["pred"], val["target"],
+                                                                                        self.class_names)}
             if rt.is_main:  # confusion matrix, per-class accuracy, most confident mistakes at the best epoch
                 reports.log_evaluation(self.tracker, val, self.class_names, self.data.eval_spec, p.global_step)
+                rows = metrics.misclassified_rows(val, self.class_names, self.data.val_files)
+                atomic_write(self.run_dir / MISCLASSIFIED, metrics.csv_text(rows, MISCLASSIFIED_COLUMNS),
+                             durable=False)
         if rt.is_main:
             log.info("%s%s", table_row(row), "  *" if improved else "")
         early = bool(plan.patience) and p.best_epoch > 0 and len(p.history) - p.best_epoch >= plan.patience
@@ -296,7 +322,9 @@ class Trainer:
         p.epoch, p.step_in_epoch, p.running = epoch + 1, 0, None
         self._save(finished=finished, metrics=row, best=improved, value=value)
         tracking.write_metrics(self.tracker, p.history, p.best_epoch, finished=finished,
-                               seconds=time.perf_counter() - self.started, monitor=plan.monitor)
+                               seconds=time.perf_counter() - self.started, monitor=plan.monitor, detail=p.best_detail)
+        if rt.is_main:  # the epoch table as a file (Keras' and Lightning's CSVLogger, ultralytics' results.csv)
+            atomic_write(self.run_dir / RESULTS, metrics.csv_text(p.history, _columns(p.history)), durable=False)
         # curves.png after every epoch, so a stopped run has its figure too; TensorBoard gets the last one.
         reports.write_curves(self.tracker, p.history, self.lr_steps, p.global_step if finished else None)
         self.tracker.flush()
@@ -391,6 +419,8 @@ class Trainer:
             row["val_top5"] = val["top5"]
         if "ema" in val:
             row["ema_val_acc"] = val["ema"]["acc"]
+        row["val_balanced_acc"] = val["classes"]["balanced_accuracy"]
+        row["val_macro_f1"] = val["classes"]["macro_f1"]
         return row
 
     def _epoch_scalars(self, row: dict, val: dict) -> dict:
@@ -402,6 +432,7 @@ class Trainer:
             scalars["val/top5"] = val["top5"]
         if "ema" in val:
             scalars.update({"val_ema/loss": val["ema"]["loss"], "val_ema/acc": val["ema"]["acc"]})
+        scalars.update({"val/balanced_acc": row["val_balanced_acc"], "val/macro_f1": row["val_macro_f1"]})
         return scalars
 
     def _save(self, *, finished: bool = False, metrics: dict | None = None, best: bool = False,

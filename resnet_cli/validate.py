@@ -26,7 +26,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from resnet_cli.config import (DATASET_SCHEMAS, AugmentPreset, CifarLabels, Crop, DatasetConfig, HeldOutSplit,
-                               Loader, ModelConfig, OnBadImage, PadMode, TrainConfig, TrainerConfig)
+                               Loader, ModelConfig, Monitor, OnBadImage, PadMode, TrainConfig, TrainerConfig)
 from resnet_cli.errors import UserError, did_you_mean
 
 _ABSENT = object()
@@ -239,7 +239,7 @@ RULES: dict[str, Rule] = {
     "trainer.warmup_epochs": NON_NEGATIVE,
     "trainer.weight_decay_norm_bias": Bool(),
     "trainer.backbone_lr_scale": NON_NEGATIVE,
-    "trainer.monitor": Choice("val_acc", "val_loss"),
+    "trainer.monitor": choice_of(Monitor),
     "trainer.early_stop_patience": Int(0),
     "trainer.log_every_n_steps": Int(1),
     "trainer.checkpoint_every_n_steps": Int(0),
@@ -376,7 +376,8 @@ def _relations(get: Callable[[str], Any]) -> list[tuple[str, Any, str]]:
             bad.append(("trainer.warmup_epochs", warmup, "cannot precede ReduceLROnPlateau (it steps on the "
                                                          "validation metric); set trainer.warmup_epochs=0"))
         mode, monitor = get("scheduler.mode"), get("trainer.monitor")
-        if mode in ("min", "max") and monitor in ("val_acc", "val_loss") and (mode == "max") != (monitor == "val_acc"):
+        known = monitor in {m.value for m in Monitor}
+        if mode in ("min", "max") and known and mode != Monitor(monitor).goal:
             bad.append(("scheduler.mode", mode, f"contradicts trainer.monitor={monitor}; leave scheduler.mode out: "
                                                 f"it follows the monitor"))
     loader, augment = get("dataset.loader"), get("dataset.augment")

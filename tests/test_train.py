@@ -152,10 +152,13 @@ def test_plateau_scheduler_lowers_the_lr_once_the_monitored_metric_stalls(train_
     lrs = [r["lr"] for r in read_metrics(run)["history"]]
     assert lrs == pytest.approx([0.001, 0.001, 0.0005])  # the lr each epoch's steps used
     ck = torch.load(run / "last.pt", weights_only=True)
-    assert ck["scheduler"]["mode"] == "max"  # trainer.monitor=val_acc: higher is better
+    assert ck["scheduler"]["mode"] == "max"  # trainer.monitor=auto (an accuracy): higher is better
     assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.00025)  # dropped again after epoch 3
-    with pytest.raises(UserError, match=r"scheduler.mode=min contradicts trainer.monitor=val_acc"):
+    # The default monitor is `auto` (val_acc, or val_balanced_acc on imbalanced classes): both rise.
+    with pytest.raises(UserError, match=r"scheduler.mode=min contradicts trainer.monitor=auto"):
         train_inproc(*plateau, "+scheduler.mode=min")
+    with pytest.raises(UserError, match=r"scheduler.mode=min contradicts trainer.monitor=val_acc"):
+        train_inproc(*plateau, "trainer.monitor=val_acc", "+scheduler.mode=min")
 
 
 def test_backbone_lr_scale_logs_the_head_lr_as_lr_and_each_group(train_inproc):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
@@ -44,6 +44,8 @@ class DataBundle:
     # calibration(k): k fixed training images in the eval view, the same on every rank and epoch
     # (no augmentation, no random draw), for re-estimating BatchNorm statistics before validation.
     calibration: Callable[[int], BatchSource] | None = None
+    class_counts: list[int] = field(default_factory=list)  # training images per class (imbalance, monitor auto)
+    val_files: list[str] | None = None  # the val samples' files in val order (folders); None: arrays (by index)
 
 
 def _splitmix(x: np.ndarray) -> np.ndarray:

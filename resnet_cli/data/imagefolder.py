@@ -204,9 +204,11 @@ def files_bundle(
     summary = (f"{name}: {len(classes)} classes, train {len(train_labels)} / val {len(val_labels)} images, "
                f"{size_range(train_sizes)}; {per_class(classes, train_labels, val_labels)}"
                + "".join(f"; {n}" for n in notes))
+    # The val files in the order validation sees them (a file that did not decode is not in the arrays).
+    val_files = [rel for rel, _ in val_items if str(root / rel) not in policy.skipped]
     bundle = make_bundle(classes, train_set, val_set, loader=loader, device=device, geometry=geometry,
                          loader_why=loader_why, mean=mean, std=std, augment=augment, memory_budget=memory_budget,
-                         bad_policy=policy, summary=summary, **options)
+                         bad_policy=policy, summary=summary, val_files=val_files, **options)
     # Written only now that the data has loaded, so a failed start leaves the data folder as it was; never over a
     # file that is not ours (a dataset's own manifest.json).
     ours = saved_manifest is not None or (manifest_path is not None and not os.path.lexists(manifest_path))

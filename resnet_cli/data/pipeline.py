@@ -66,6 +66,7 @@ def make_bundle(
     loader_why: str | None = None,
     bad_policy: BadImagePolicy | None = None,
     summary: str = "",
+    val_files: list[str] | None = None,
 ) -> DataBundle:
     """Build the train/val BatchSources for `loader` and wrap them with the eval spec and summary.
 
@@ -123,8 +124,12 @@ def make_bundle(
     eval_spec = {"resize": int(geometry.resize), "crop": int(size), "mean": mean, "std": std}
     plan = (f"{geometry.describe()}; batch {batch_size} ({batch_why}); loader {loader} ({loader_why})"
             + (f", {workers} workers" if loader == "dataloader" else ""))
+    labels = train.labels if arrays else getattr(train, "labels", None)
+    if labels is None:  # a map-style dataset of files: ImageFiles keeps (path, label) items
+        labels = [label for _, label in getattr(train, "items", [])]
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=len(class_names)).tolist()
     return DataBundle(list(class_names), train_src, val_src, eval_spec, summary, plan=plan, workers=workers,
-                      calibration=calibration)
+                      calibration=calibration, class_counts=counts, val_files=val_files)
 
 
 def without_lone_tail(k: int, batch_size: int) -> int:
