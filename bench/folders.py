@@ -6,14 +6,22 @@ The folders (SPECS), each built from offline sources only (Debian packages fetch
 download` and unpacked with `dpkg -x` into ROOT/.debs, no root install; scikit-learn's wheel; the
 fonts on the machine):
 
-| folder | source, licence | classes | train / held-out | native size |
-|---|---|---|---|---|
-| fashion1k | Fashion-MNIST (Zalando, MIT), Debian `dataset-fashion-mnist`: train = the first 1,000 of the official train set, val/ = the first 1,000 of the official test set | 10 clothes and shoes | 1,000 / 1,000 (train/ + val/) | 28 px grey PNG |
-| fashion5k | the same: first 5,000 train, test/ = the first 2,000 test images | 10 | 5,000 / 2,000 (train/ + test/: fast.ai's layout) | 28 px grey PNG |
-| clipart128 | Open Clip Art Library 0.18 (public domain dedication), Debian `openclipart-png`: top-level categories animals, buildings, food, people, plants, tools and vehicles (transportation/vehicles + boating); files listed under two classes and exact duplicates dropped; each drawing composited on white, scaled to fit 128 px, centred; a seeded stratified 80/20 split | 7 | 1,145 / 289 (train/ + val/) | 128 px RGB PNG |
-| handwritten32 | UCI optical digits as shipped in scikit-learn (`load_digits`, CC BY 4.0): real 8x8 scans at 17 grey levels, upscaled | 10 digits | 1,438 / 359 | 32 px RGB |
-| digits28, glyphs32/64/128, photos400-600 | digits rendered from the machine's TrueType/OpenType fonts (Debian's font packages, else Pillow's own font) with random affine, blur, noise, colour and texture | 10 digits | see SPECS | 28 to ~600 px |
-| shapes32 | the embedded `shapes` set written out as PNG | 10 | 1,000 / 250 | 32 px |
+- fashion1k: Fashion-MNIST (Zalando Research, MIT licence) from Debian's `dataset-fashion-mnist`:
+  train/ = the first 1,000 images of the official train set, val/ = the first 1,000 of the official
+  test set; 10 classes of clothes, shoes and bags; 28 px grey PNG.
+- fashion5k: the same source, the first 5,000 train images and test/ = the first 2,000 test images
+  (train/ + test/: fast.ai's layout).
+- clipart128: the Open Clip Art Library 0.18 (public domain dedication) from Debian's
+  `openclipart-png`: 7 classes, its top-level categories animals, buildings, food, people, plants,
+  tools and vehicles (transportation/vehicles + boating); a file listed under two classes and exact
+  duplicates are dropped; each drawing is composited on white, scaled to fit 128 px and centred;
+  a seeded stratified 80/20 split gives 1,071 train/ and 267 val/ colour PNGs of 128x128.
+- handwritten32: the UCI optical digits as scikit-learn ships them (`load_digits`, CC BY 4.0): real
+  8x8 scans at 17 grey levels, upscaled to 32 px; 1,438 train / 359 val.
+- digits28, glyphs32/64/128, photos400-600: digits rendered from the machine's TrueType/OpenType fonts
+  (Debian's font packages, else Pillow's own font) with random affine, blur, noise, colour and
+  texture, at 28 to ~600 px (see SPECS).
+- shapes32: the embedded `shapes` set written out as PNG, 1,000 / 250 at 32 px.
 
 On each folder it runs, one after the other on this machine:
 
@@ -344,7 +352,8 @@ def bench_folder(folder: Path, epochs: int, out: Path, extra: list[str], mirror:
     env["RESNET_CLI_CACHE"] = str(cache)
     train_cmd = [str(Path(sys.executable).parent / "resnet-train"), "dataset=imagefolder", f"dataset.root={folder}",
                  f"trainer.epochs={epochs}", f"output_root={out / 'outputs'}", *extra]
-    hand_cmd = [sys.executable, str(HERE / "hand_loop.py"), str(folder), str(epochs), *([] if mirror else ["--no-flip"])]
+    hand_cmd = [sys.executable, str(HERE / "hand_loop.py"), str(folder), str(epochs),
+                *([] if mirror else ["--no-flip"])]
     ours, rc1 = _timed_run(train_cmd, TABLE_ROW, env, out / f"{folder.name}.resnet-train.log")
     hand, rc2 = _timed_run(hand_cmd, HAND_ROW, env, out / f"{folder.name}.hand.log")
     if rc1 or rc2 or len(ours) != epochs or len(hand) != epochs:

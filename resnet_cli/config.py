@@ -185,7 +185,7 @@ class DatasetConfig:
     loader: Loader = Loader.auto  # auto: memory when the decoded uint8 cache fits memory_budget, else dataloader
     memory_budget: float = 0.25  # loader=auto: the fraction of RAM (or GPU memory) the uint8 cache may take
     augment: str = "standard"  # AugmentPreset names joined by '+'; the memory loader offers none and standard
-    # random horizontal flip: auto = on unless mirrored training images are classified worse (docs/DATA.md) | true | false
+    # random horizontal flip: auto = on unless mirrored train images are classified worse (docs/DATA.md) | true | false
     flip: str = "auto"
     vflip: StrictBool = False  # random vertical flip (aerial, microscope images); never chosen by auto
     cutout: int = 0  # side of a cutout square in pixels; 0 = off

@@ -1,4 +1,4 @@
-"""dataset.flip auto|true|false and dataset.vflip: decided from the data, honoured by both loader paths, said at start-up.
+"""dataset.flip auto|true|false and dataset.vflip: decided from the data, honoured by both loader paths, in the plan.
 
 Real data both ways: scikit-learn's bundled handwritten digits (UCI optical digits, 8x8 scans)
 written as PNG folders, and 300 real Fashion-MNIST images (the first 300 of the official train
@@ -129,7 +129,8 @@ def test_flip_auto_on_array_datasets_is_decided_from_their_images():
 
     d = load_digits()
     x = torch.from_numpy((d.images[:400] * 255 / 16).astype(np.uint8))[:, None].expand(-1, 3, -1, -1).contiguous()
-    split = ArraySplit(torch.nn.functional.interpolate(x.float(), size=16).to(torch.uint8), torch.from_numpy(d.target[:400]))
+    small = torch.nn.functional.interpolate(x.float(), size=16).to(torch.uint8)
+    split = ArraySplit(small, torch.from_numpy(d.target[:400]))
     arrays = make_bundle([str(k) for k in range(10)], split, split, image_size=16, batch_size=50)
     assert "flip off (auto: the classes are not mirror-symmetric" in arrays.plan and not arrays.train.flip
 

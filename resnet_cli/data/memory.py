@@ -1,4 +1,4 @@
-"""In-memory loader: the uint8 images live once on the training device; shuffle, crop, flips, cutout and normalize run on whole batches there."""
+"""In-memory loader: uint8 images live once on the training device; shuffle, crop, flips, cutout, normalize there."""
 
 from __future__ import annotations
 

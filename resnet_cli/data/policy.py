@@ -82,7 +82,8 @@ class Geometry:
         else:  # the scale range says how much the crops enlarge the object: near the eval view's 1/0.875 or not
             train = (f"random resized crop area [{scale[0]:g}, {scale[1]:g}] ({self.crop_reason}; mean magnification "
                      f"{mean_magnification(scale):.2f}, the eval centre crop's {1 / CROP_FRACTION:.2f})")
-        flips = f"flip {'on' if self.hflip else 'off'} ({self.flip_reason})" + (", vertical flip on" if self.vflip else "")
+        flips = f"flip {'on' if self.hflip else 'off'} ({self.flip_reason})"
+        flips += ", vertical flip on" if self.vflip else ""
         return f"size {self.image_size} px ({self.reason}), train {train}, {flips}, eval {ev}"
 
 
