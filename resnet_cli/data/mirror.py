@@ -23,6 +23,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from resnet_cli.data.contract import generator
+from resnet_cli.data.loader import BadSample
 from resnet_cli.data.transforms import to_rgb
 
 # The sample: at most this many training images (fewer where each must be decoded from its file),
@@ -133,7 +134,7 @@ def measure_dataset(dataset: Sequence, limit: int = MAX_DECODED) -> MirrorTest:
     images, kept = [], []
     for i in order.tolist():
         item = dataset[i]
-        if not isinstance(item, tuple):
+        if isinstance(item, BadSample):  # the loader reports it, by dataset.on_bad_image, when it reaches it
             continue
         img, label = item
         x = to_square(to_rgb(img) if isinstance(img, Image.Image) else img)
