@@ -1,13 +1,15 @@
 """The loop a user writes instead of using resnet-train (the first tutorial's recipe), as the baseline.
 
-    python bench/hand_loop.py DIR EPOCHS [MAX_BATCHES]
+    python bench/hand_loop.py DIR EPOCHS [MAX_BATCHES] [--no-flip]
 
 torchvision resnet18 (3x3 stem, no max-pool, for images up to 64 px), Adam 1e-3, batch 100,
 pad-4 random crop + flip, no normalisation, ImageFolder + DataLoader with 2 workers.
+--no-flip drops the flip, as a user who knows their data would for digits or text.
 Images larger than 64 px are resized to min(native, 224) and keep torchvision's stem.
 Prints "first batch" when the first training batch is ready, then "epoch N val_acc A train_img_s R"
-after each epoch (MAX_BATCHES caps the batches per epoch). For a folder without val/ it uses the
-split resnet-train saved (split-*.json), so both are judged on the same images.
+after each epoch (MAX_BATCHES caps the batches per epoch). The held-out folder is val/ (else
+valid/, validation/ or test/, as resnet-train picks it); for a folder without one it uses the split
+resnet-train saved (split-*.json), so both are judged on the same images.
 """
 
 import json
@@ -20,18 +22,21 @@ import torchvision
 from PIL import Image
 from torchvision import datasets, transforms as T
 
-root, epochs = Path(sys.argv[1]), int(sys.argv[2])
-max_batches = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+args = [a for a in sys.argv[1:] if a != "--no-flip"]
+flip = [T.RandomHorizontalFlip()] if "--no-flip" not in sys.argv[1:] else []
+root, epochs = Path(args[0]), int(args[1])
+max_batches = int(args[2]) if len(args) > 2 else 0
 torch.manual_seed(0)
 first = next(p for p in sorted(root.rglob("*")) if p.suffix in (".png", ".jpg"))
 size = min(min(Image.open(first).size), 224)
 small = size <= 64
 resize = [] if small else [T.Resize((size, size))]
-train_tf = T.Compose([*resize, T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
+train_tf = T.Compose([*resize, T.RandomCrop(size, padding=4), *flip, T.ToTensor()])
 val_tf = T.Compose([*resize, T.ToTensor()])
-if (root / "val").is_dir():
+held_out = next((root / d for d in ("val", "valid", "validation", "test") if (root / d).is_dir()), None)
+if held_out is not None:
     train_set = datasets.ImageFolder(root / "train", train_tf, loader=lambda p: Image.open(p).convert("RGB"))
-    val_set = datasets.ImageFolder(root / "val", val_tf, loader=lambda p: Image.open(p).convert("RGB"))
+    val_set = datasets.ImageFolder(held_out, val_tf, loader=lambda p: Image.open(p).convert("RGB"))
 else:  # the split resnet-train saved: same val images for both
     split = json.loads(next(root.glob("split-*.json")).read_text())
     full_t, full_v = (datasets.ImageFolder(root, tf, loader=lambda p: Image.open(p).convert("RGB")) for tf in (train_tf, val_tf))

@@ -137,6 +137,16 @@ class AugmentPreset(Word):
     colorjitter, randomerasing = "colorjitter", "randomerasing"
 
 
+class Flip(Word):
+    """dataset.flip: auto (on unless the training images say the classes are not mirror-symmetric) | true | false.
+
+    The key itself is typed `str`: a Word enum node refuses the bool that `dataset.flip=false` parses to,
+    so validate.py checks the word against this enum's values.
+    """
+
+    auto, true, false = "auto", "true", "false"
+
+
 class OnBadImage(Word):
     """An unreadable image: error (stop, naming the file) | skip (log, count, go on)."""
 
@@ -184,6 +194,9 @@ class DatasetConfig:
     loader: Loader = Loader.auto  # auto: memory when the decoded uint8 cache fits memory_budget, else dataloader
     memory_budget: float = 0.25  # loader=auto: the fraction of RAM (or GPU memory) the uint8 cache may take
     augment: str = "standard"  # AugmentPreset names joined by '+'; the memory loader offers none and standard
+    # random horizontal flip: auto = on unless mirrored train images are classified worse (docs/DATA.md) | true | false
+    flip: str = "auto"
+    vflip: StrictBool = False  # random vertical flip (aerial, microscope images); never chosen by auto
     cutout: int = 0  # side of a cutout square in pixels; 0 = off
     mixup_alpha: float = 0.0  # 0 = off; > 0 gives soft targets [N, C]
     cutmix_alpha: float = 0.0

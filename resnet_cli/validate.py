@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from resnet_cli.config import (DATASET_SCHEMAS, AugmentPreset, CifarLabels, Crop, DatasetConfig, HeldOutSplit,
+from resnet_cli.config import (DATASET_SCHEMAS, AugmentPreset, CifarLabels, Crop, DatasetConfig, Flip, HeldOutSplit,
                                Loader, ModelConfig, Monitor, OnBadImage, PadMode, TrainConfig, TrainerConfig)
 from resnet_cli.errors import UserError, did_you_mean
 
@@ -270,6 +270,8 @@ RULES: dict[str, Rule] = {
     "dataset.cache_size": AnyOf(Null(), Int(1)),
     "dataset.memory_budget": Num(0, 1, open="lo"),
     "dataset.augment": Augment(),
+    "dataset.flip": choice_of(Flip),
+    "dataset.vflip": Bool(),
     "dataset.crop": choice_of(Crop),
     "dataset.pad": AnyOf(Choice("auto"), Int(0)),
     "dataset.pad_mode": choice_of(PadMode),

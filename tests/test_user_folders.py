@@ -100,7 +100,9 @@ def test_startup_names_size_crop_rule_and_recipe_in_one_line(cli, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     plan = [line for line in res.stdout.splitlines() if "plan: " in line]
     assert len(plan) == 1, res.stdout
-    for phrase in ("size 32 px (auto: median short side 32 px)", "train pad 4 + random crop + flip",
+    # Digits are not mirror-symmetric: flip auto turns the flip off and says why (tests/test_flip.py has the rule).
+    for phrase in ("size 32 px (auto: median short side 32 px)", "train pad 4 + random crop (auto: 32 px <= 64",
+                   "flip off (auto: the classes are not mirror-symmetric",
                    "eval whole image", "loader memory (auto:", "recipe: AdamW lr 0.003", "OneCycleLR peak 0.003", "batch 16, 10 epochs x 4 steps",
                    "batch 16 (auto: 70 images, 4 steps per epoch)"):
         assert phrase in plan[0], plan[0]

@@ -1,4 +1,4 @@
-"""In-memory loader: the uint8 images live once on the training device; shuffle, crop, flip, cutout and normalize run on whole batches there."""
+"""In-memory loader: uint8 images live once on the training device; shuffle, crop, flips, cutout, normalize there."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ class MemorySource:
         pad: int = 0,
         pad_mode: str = "reflect",
         flip: bool = True,
+        vflip: bool = False,
         cutout: int = 0,
         mean: Sequence[float] = (0.0, 0.0, 0.0),
         std: Sequence[float] = (1.0, 1.0, 1.0),
@@ -68,7 +69,7 @@ class MemorySource:
         self.drop_last = drop_last and train
         self.augment = augment and train
         self.pad = pad if self.augment and crop == "pad" else 0
-        self.pad_mode, self.flip, self.cutout = pad_mode, flip, cutout if self.augment else 0
+        self.pad_mode, self.flip, self.vflip, self.cutout = pad_mode, flip, vflip, cutout if self.augment else 0
         self.mixer = mixer if train else None
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
@@ -101,6 +102,9 @@ class MemorySource:
         self.flipped = (torch.randint(0, 2, (n,), generator=g) == 1).to(self.device) & self.flip
         self.cy = torch.randint(0, self.size, (n,), generator=g).to(self.device)
         self.cx = torch.randint(0, self.size, (n,), generator=g).to(self.device)
+        # Drawn last, so the draws above are those of a run without vertical flips.
+        self.vflipped = ((torch.randint(0, 2, (n,), generator=g) == 1) if self.vflip
+                         else torch.zeros(n, dtype=torch.bool)).to(self.device)
 
     def iter_from(self, start: int = 0) -> Iterator[Batch]:
         """Batches start..len-1 of the current epoch."""
@@ -122,8 +126,9 @@ class MemorySource:
         if self.augment:
             rows = self._ar + (self.dy[idx] - self.pad)[:, None]
             cols = self._ar + (self.dx[idx] - self.pad)[:, None]
-            # A flip is a reversed column index: crop and flip become one gather.
+            # A flip is a reversed column (vertical: row) index: crop and flips become one gather.
             cols = torch.where(self.flipped[idx][:, None], cols.flip(1), cols)
+            rows = torch.where(self.vflipped[idx][:, None], rows.flip(1), rows)
         else:
             rows = (self._ar + (h - self.size) // 2).expand(len(idx), -1)
             cols = (self._ar + (w - self.size) // 2).expand(len(idx), -1)
@@ -150,7 +155,10 @@ class MemorySource:
         boxes = torch.cat([torch.arange(len(idx), device=self.device, dtype=torch.float32)[:, None],
                            self.boxes[idx]], 1)
         x = roi_align(x, boxes, output_size=self.size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
-        x = torch.where(self.flipped[idx][:, None, None, None], x.flip(3), x)
+        if self.flip:
+            x = torch.where(self.flipped[idx][:, None, None, None], x.flip(3), x)
+        if self.vflip:
+            x = torch.where(self.vflipped[idx][:, None, None, None], x.flip(2), x)
         x = x.mul_(self._scale).add_(self._bias)
         return self._cut(x, idx) if self.cutout else x
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch.utils.data import Dataset, Subset
 
+from resnet_cli.data import mirror
 from resnet_cli.data.contract import BatchSource, DataBundle, generator
 from resnet_cli.data.loader import BadImagePolicy, LoaderSource
 from resnet_cli.data.memory import MemorySource
-from resnet_cli.data.policy import Geometry, choose_loader, resolve_batch, resolve_geometry, usable_cores
+from resnet_cli.data.policy import (Geometry, choose_loader, resolve_batch, resolve_flips, resolve_geometry,
+                                    usable_cores)
 from resnet_cli.data.transforms import build_eval_transform, build_train_transform, make_mixer, parse_augment
 from resnet_cli.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class ArraySplit(NamedTuple):
@@ -50,6 +56,8 @@ def make_bundle(
     image_size: int | str = 32,
     loader: str = "auto",
     augment: str = "standard",
+    flip: str | bool = "auto",
+    vflip: str | bool = False,
     crop: str = "auto",
     pad: int | str = "auto",
     pad_mode: str = "reflect",
@@ -71,7 +79,8 @@ def make_bundle(
     """Build the train/val BatchSources for `loader` and wrap them with the eval spec and summary.
 
     `geometry` and `loader` (with `loader_why`) come resolved from builders that needed them
-    before decoding (image folders); for in-memory arrays they are resolved here.
+    before decoding (image folders); for in-memory arrays they are resolved here. `flip: auto`
+    is resolved here for every dataset, from the training images (resnet_cli.data.mirror).
     """
     arrays = isinstance(train, ArraySplit) and isinstance(val, ArraySplit)
     batch_size, batch_why = resolve_batch(batch_size, len(train.labels) if arrays else len(train))
@@ -85,6 +94,8 @@ def make_bundle(
         loader, loader_why = choose_loader(loader, names, held, memory_budget, device, device_memory(device))
     if loader == "memory" and not arrays:
         raise UserError("dataset.loader=memory needs a dataset that can be cached in memory")
+    augmenting = names != ["none"]
+    geometry = with_flips(geometry, flip, vflip, train if augmenting else None)
     mean, std = [float(m) for m in mean], [float(s) for s in std]
     size = geometry.image_size
     mixer = make_mixer(len(class_names), mixup_alpha, cutmix_alpha)
@@ -94,7 +105,8 @@ def make_bundle(
         kw = dict(image_size=size, crop=geometry.crop, scale=scale, mean=mean, std=std, **common)
         train_src = MemorySource(
             train.images.to(device), train.labels, batch_size=batch_size, train=True, drop_last=drop_last,
-            augment=names != ["none"], pad=geometry.pad, pad_mode=pad_mode, cutout=cutout, mixer=mixer, **kw,
+            augment=augmenting, pad=geometry.pad, pad_mode=pad_mode, flip=geometry.hflip, vflip=geometry.vflip,
+            cutout=cutout, mixer=mixer, **kw,
         )
         val_src = MemorySource(val.images.to(device), val.labels, batch_size=val_batch_size or batch_size, train=False, **kw)
         workers = 0
@@ -109,7 +121,7 @@ def make_bundle(
         kw = dict(num_workers=workers, pin_memory=device.type == "cuda", bad_policy=bad_policy, **common)
         train_tf = build_train_transform(
             names, image_size=size, crop=geometry.crop, pad=geometry.pad, pad_mode=pad_mode, scale=scale,
-            cutout=cutout, mean=mean, std=std,
+            cutout=cutout, mean=mean, std=std, hflip=geometry.hflip, vflip=geometry.vflip,
         )
         val_tf = build_eval_transform(geometry.resize, size, mean, std)
         as_ds = lambda s: TensorImages(s) if isinstance(s, ArraySplit) else s  # noqa: E731
@@ -122,7 +134,9 @@ def make_bundle(
             return LoaderSource(Subset(ds, idx), val_tf, batch_size=calib_batch, train=False,
                                 **{**kw, "rank": 0, "world_size": 1})
     eval_spec = {"resize": int(geometry.resize), "crop": int(size), "mean": mean, "std": std}
-    plan = (f"{geometry.describe()}; batch {batch_size} ({batch_why}); loader {loader} ({loader_why})"
+    per_image = [n for n in names if n not in ("none", "standard")]
+    plan = (f"{geometry.describe(augmenting, scale)}" + (f", + {'+'.join(per_image)} (set)" if per_image else "")
+            + f"; batch {batch_size} ({batch_why}); loader {loader} ({loader_why})"
             + (f", {workers} workers" if loader == "dataloader" else ""))
     labels = train.labels if arrays else getattr(train, "labels", None)
     if labels is None:  # a map-style dataset of files: ImageFiles keeps (path, label) items
@@ -138,6 +152,22 @@ def without_lone_tail(k: int, batch_size: int) -> int:
     update_bn runs the model in train mode, where BatchNorm cannot take one sample at 1x1 maps.
     """
     return k - 1 if k > 1 and k % batch_size == 1 else k
+
+
+def with_flips(geometry: Geometry, flip: str | bool, vflip: str | bool, train: ArraySplit | Dataset | None) -> Geometry:
+    """`geometry` with dataset.flip / vflip resolved; flip=auto asks the training images (None: not augmenting)."""
+
+    def test() -> mirror.MirrorTest:
+        if isinstance(train, ArraySplit):
+            result = mirror.measure_arrays(train.images, train.labels)
+        else:
+            result = mirror.measure_dataset(train)
+        # The cost stays out of the plan line, which is the same for the same data.
+        log.debug("flip auto: mirror test of %d train images in %.2f s", result.images, result.seconds)
+        return result
+
+    hflip, vertical, why = resolve_flips(flip, vflip, test if train is not None else None)
+    return replace(geometry, hflip=hflip, vflip=vertical, flip_reason=why)
 
 
 def calibration_indices(n: int, k: int, seed: int) -> torch.Tensor:

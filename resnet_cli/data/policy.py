@@ -1,4 +1,4 @@
-"""Start-up choices that depend on the data: training size, crop rule, eval resize, padding and loader.
+"""Start-up choices that depend on the data: training size, crop rule, flips, eval resize, padding and loader.
 
 Every `auto` setting of a dataset is resolved here, once, from what the run can see (the
 images' native sizes, the cache's bytes, the memory present), and each choice comes back
@@ -10,11 +10,15 @@ is allowed but warned about.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from resnet_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from resnet_cli.data.mirror import MirrorTest
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +56,35 @@ class Geometry:
     crop: str  # pad | resized
     resize: int  # eval: shorter side resized to this, then centre crop image_size
     pad: int  # crop=pad: padding before the random crop
-    reason: str  # one phrase for the start-up summary
+    reason: str  # one phrase for the start-up summary: why this size
+    crop_reason: str = "set"  # why this crop rule
+    hflip: bool = True  # random horizontal flip in training
+    vflip: bool = False  # random vertical flip in training
+    flip_reason: str = "set"  # why hflip is on or off (flip=auto: the mirror test's numbers)
 
     @property
     def cache_size(self) -> int:
         """Side of the decoded uint8 cache of the memory loader: the eval view, so its centre crop is validation."""
         return self.resize
 
-    def describe(self) -> str:
-        """e.g. 'size 32 px (auto: median short side 32 px), crop pad 4 + flip, eval whole image'."""
-        train = f"pad {self.pad} + random crop + flip" if self.crop == "pad" else "random resized crop + flip"
+    def describe(self, augment: bool = True, scale: Sequence[float] = (0.5, 1.0)) -> str:
+        """e.g. 'size 32 px (auto: ...), train pad 4 + random crop (auto: ...), flip off (auto: ...), eval whole image'.
+
+        Every augmentation that can change what an image shows is named with the reason it is on.
+        `augment=False` (dataset.augment=none): training sees the eval view, no crop, no flip.
+        """
         ev = ("whole image" if self.resize == self.image_size
               else f"resize {self.resize} + centre crop {self.image_size}")
-        return f"size {self.image_size} px ({self.reason}), train {train}, eval {ev}"
+        if not augment:
+            return f"size {self.image_size} px ({self.reason}), train and eval {ev} (augment none)"
+        if self.crop == "pad":
+            train = f"pad {self.pad} + random crop ({self.crop_reason})"
+        else:  # the scale range says how much the crops enlarge the object: near the eval view's 1/0.875 or not
+            train = (f"random resized crop area [{scale[0]:g}, {scale[1]:g}] ({self.crop_reason}; mean magnification "
+                     f"{mean_magnification(scale):.2f}, the eval centre crop's {1 / CROP_FRACTION:.2f})")
+        flips = f"flip {'on' if self.hflip else 'off'} ({self.flip_reason})"
+        flips += ", vertical flip on" if self.vflip else ""
+        return f"size {self.image_size} px ({self.reason}), train {train}, {flips}, eval {ev}"
 
 
 def median_short_side(sizes: Sequence[tuple[int, int]]) -> int:
@@ -104,8 +124,11 @@ def resolve_geometry(
     else:
         size = _int(image_size, "image_size", 8)
         reason = "set"
+    crop_reason = "set"
     if crop == "auto":
         crop = "pad" if size <= SMALL_IMAGE_MAX else "resized"
+        crop_reason = (f"auto: {size} px <= {SMALL_IMAGE_MAX}, at full scale: a resized crop would cut a small "
+                       f"image's object away" if crop == "pad" else f"auto: {size} px > {SMALL_IMAGE_MAX}")
     if _auto(resize):
         resize_px = size if crop == "pad" else round(size / CROP_FRACTION)
     else:
@@ -118,7 +141,39 @@ def resolve_geometry(
             log.warning("dataset.resize=%d with dataset.image_size=%d validates on the central %.0f%% of each image; "
                         "set dataset.resize=auto unless that is what you want", resize_px, size, 100 * kept)
     pad_px = round(size / 8) if _auto(pad) else _int(pad, "pad", 0)
-    return Geometry(size, crop, resize_px, pad_px, reason)
+    return Geometry(size, crop, resize_px, pad_px, reason, crop_reason)
+
+
+def mean_magnification(scale: Sequence[float]) -> float:
+    """E[1/sqrt(s)] for a crop of area fraction s ~ U(scale): how much a random resized crop enlarges the object."""
+    lo, hi = float(scale[0]), float(scale[1])
+    return 1 / math.sqrt(lo) if hi - lo < 1e-9 else 2 * (math.sqrt(hi) - math.sqrt(lo)) / (hi - lo)
+
+
+FLIPS = ("auto", "true", "false")
+
+
+def _switch(value: object, key: str, words: Sequence[str]) -> str:
+    word = str(value).lower()
+    if word not in words:
+        raise UserError(f"dataset.{key}={value}: must be one of {', '.join(words)}")
+    return word
+
+
+def resolve_flips(flip: object, vflip: object, test: Callable[[], "MirrorTest"] | None) -> tuple[bool, bool, str]:
+    """dataset.flip (auto|true|false) and dataset.vflip (true|false) -> (hflip, vflip, why hflip).
+
+    flip=auto runs `test` (resnet_cli.data.mirror: are the classes mirror-symmetric?) and flips
+    only if they are; without a test (no training images to ask) it keeps the flip on.
+    """
+    flip_word = _switch(flip, "flip", FLIPS)
+    v = _switch(vflip, "vflip", ("true", "false")) == "true"
+    if flip_word != "auto":
+        return flip_word == "true", v, "set"
+    if test is None:
+        return True, v, "auto: no training images to test"
+    result = test()
+    return result.symmetric, v, result.reason()
 
 
 # batch_size: auto. Small folders need optimizer steps more than they need big batches: the

@@ -60,7 +60,7 @@ def build_eval_transform(resize: int, crop: int, mean: Sequence[float], std: Seq
 
 
 # Policy presets: name -> (transforms before normalisation, transforms after it).
-# The geometry (crop + flip) comes first and is shared by every preset but "none".
+# The geometry (crop + flips) comes first and is shared by every preset but "none".
 def _autoaugment(size: int) -> v2.Transform:
     policy = v2.AutoAugmentPolicy.CIFAR10 if size <= 64 else v2.AutoAugmentPolicy.IMAGENET
     return v2.AutoAugment(policy)
@@ -93,11 +93,14 @@ def build_train_transform(
     cutout: int,
     mean: Sequence[float],
     std: Sequence[float],
+    hflip: bool = True,
+    vflip: bool = False,
 ) -> v2.Compose:
     """Per-image train transform (DataLoader path): geometry, preset policies, normalize, erasing.
 
-    `crop: pad` is the CIFAR recipe (pad, random crop, flip); `crop: resized` is
-    RandomResizedCrop + flip. `cutout` (pixels) maps to a fixed-size square RandomErasing.
+    `crop: pad` is the CIFAR recipe (pad, random crop); `crop: resized` is RandomResizedCrop;
+    then a random horizontal flip when `hflip` (dataset.flip, resolved), a vertical one when
+    `vflip`. `cutout` (pixels) maps to a fixed-size square RandomErasing.
     """
     pre: list = [v2.ToImage()]
     if names != ["none"]:
@@ -105,7 +108,8 @@ def build_train_transform(
             pre += [v2.RandomCrop(image_size, padding=pad or None, padding_mode=pad_mode, pad_if_needed=True)]
         else:  # resized (the geometry has resolved crop=auto)
             pre += [v2.RandomResizedCrop(image_size, scale=tuple(scale), antialias=True)]
-        pre += [v2.RandomHorizontalFlip()]
+        pre += [v2.RandomHorizontalFlip()] if hflip else []
+        pre += [v2.RandomVerticalFlip()] if vflip else []
     else:
         pre += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
     post: list = []
