@@ -42,7 +42,7 @@ def build_data(cfg: Any, rt: "Runtime") -> "DataBundle":
 
 def close_data(bundle: "DataBundle | None") -> None:
     """Shut down a bundle's DataLoader workers (they ignore stop signals, so they never die mid-batch)."""
-    for source in (getattr(bundle, "train", None), getattr(bundle, "val", None)):
+    for source in (getattr(bundle, "train", None), getattr(bundle, "val", None), getattr(bundle, "test", None)):
         close = getattr(source, "close", None)
         if close is not None:
             close()

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from resnet_cli.errors import OneLineParser, UserError, non_negative_int, one_line, reported
 from resnet_cli.fileio import atomic_write, claim_outputs
-from resnet_cli.inference import WEIGHTS, WEIGHTS_HELP
+from resnet_cli.inference import TTA, TTA_HELP, WEIGHTS, WEIGHTS_HELP
 
 if TYPE_CHECKING:
     from resnet_cli.runtime import Runtime
 
-SPLITS = ("val", "train")
+SPLITS = ("val", "train", "test")
 # Evaluating the train split means measuring it, not training on it: no augmentation or mixing.
 _PLAIN_TRAIN = {"augment": "none", "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "drop_last": False}
 
@@ -77,10 +77,12 @@ def _runtime(ckpt: dict, device: str | None, source: Path) -> tuple["Runtime", i
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", overrides: Sequence[str] = (),
-                        device: str | None = None, limit: int = 0, weights: str = "auto") -> tuple[dict, dict]:
+                        device: str | None = None, limit: int = 0, weights: str = "auto",
+                        tta: str = "auto") -> tuple[dict, dict]:
     """Run the checkpoint over a split; returns (report dict, raw engine.evaluate output).
 
-    `weights`: auto (the EMA average when the run kept one, as training validated it), ema or raw.
+    `weights`: auto (the EMA average when the run kept one, as training validated it), ema or raw;
+    `tta`: auto (flip TTA where training measured that it helps), on or off.
     """
     import math
 
@@ -95,7 +97,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", overrides: S
     if device is not None:
         resolve_device(device, key="--device")  # the flag's own one-line error, before the checkpoint is read
     path = resolve_checkpoint(checkpoint)
-    trained = load_trained(path, "cpu", weights)
+    trained = load_trained(path, "cpu", weights, tta)
     ckpt = trained.ckpt
     rt, seed = _runtime(ckpt, device, path)
     builder, dataset = dataset_config(ckpt, overrides, split, path)
@@ -105,7 +107,10 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", overrides: S
     if list(bundle.class_names) != names:
         raise UserError(f"{path}: the dataset's classes {bundle.class_names[:5]}... differ from the checkpoint's "
                         f"{names[:5]}...")
-    source = bundle.val if split == "val" else bundle.train
+    source = {"val": bundle.val, "train": bundle.train, "test": bundle.test}[split]
+    if source is None:
+        raise UserError(f"--split test: {path}'s dataset has no test split (a test/ folder beside train/ and val/); "
+                        f"use --split val")
     out = engine.evaluate(model, source.iter_from(0), rt, limit=limit, num_classes=len(names), collect=True)
     if not all(math.isfinite(out[k]) for k in ("loss", "acc")):
         raise UserError(f"{path}: the loss on the {split} split is not finite ({out['loss']}); the weights or the "
@@ -116,7 +121,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", overrides: S
         "checkpoint": str(path),
         "split": split,
         "weights": trained.weights.name,
-        "weights_detail": trained.weights.line(),
+        "weights_detail": trained.line(),
+        "tta": "flip" if trained.tta else "off",
         "samples": int(cm.sum()),
         "accuracy": out["acc"],
         "loss": out["loss"],
@@ -189,6 +195,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--overwrite", action="store_true", help="replace a --json file that already exists")
     ap.add_argument("--device", help="default: the checkpoint's trainer.device")
     ap.add_argument("--weights", choices=WEIGHTS, default="auto", help=WEIGHTS_HELP)
+    ap.add_argument("--tta", choices=TTA, default="auto", help=TTA_HELP)
     ap.add_argument("--limit-batches", type=non_negative_int, default=0,
                     help="evaluate only this many batches (0 = all)")
     return ap.parse_args(argv)
@@ -199,7 +206,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.json and args.json != "-":
         claim_outputs([(args.json, "--json")], overwrite=args.overwrite)
     report, out = evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.device, args.limit_batches,
-                                      args.weights)
+                                      args.weights, args.tta)
     if args.json != "-":
         print(format_report(report))
     if args.json:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from resnet_cli.errors import OneLineParser, UserError, non_negative_float, one_line, reported
 from resnet_cli.fileio import claim_outputs
-from resnet_cli.inference import WEIGHTS, WEIGHTS_HELP
+from resnet_cli.inference import TTA, TTA_HELP, WEIGHTS, WEIGHTS_HELP
 
 if TYPE_CHECKING:
     from resnet_cli.inference import Trained
@@ -114,7 +114,7 @@ def _export_safetensors(trained: "Trained", model, path: Path) -> None:
     config = {"name": trained.model_name, **{k: v for k, v in trained.model_kwargs.items() if k != "pretrained"}}
     meta = {"format": "resnet-cli/1", "class_names": json.dumps(trained.class_names),
             "eval_spec": json.dumps(trained.eval_spec), "model_config": json.dumps(config),
-            "weights": trained.weights.name}
+            "weights": trained.weights.name, "tta": "flip" if trained.tta else "off"}
     save_file(state, str(path), metadata=meta)
 
 
@@ -137,10 +137,12 @@ def _check_safetensors(path: Path, x):
 
 def export(checkpoint: str | Path, out_dir: str | Path, formats: Sequence[str] = FORMATS, atol: float = 1e-4,
            name: str | None = None, log: Callable[[str], None] = print, weights: str = "auto",
-           overwrite: bool = False) -> dict[str, dict]:
+           overwrite: bool = False, tta: str = "auto") -> dict[str, dict]:
     """Write each format into out_dir and verify it; returns {format: {path, max_abs_diff, verified}}.
 
     `weights`: auto (the EMA average when the run kept one, as training validated it), ema or raw.
+    `tta`: with flip TTA on, the ONNX and TorchScript graphs average each image with its mirror; the
+    safetensors file holds the classifier's weights (its metadata says `tta: flip`).
     A file is given its name only once verified; an existing one is replaced only with `overwrite`.
     """
     import torch
@@ -148,16 +150,17 @@ def export(checkpoint: str | Path, out_dir: str | Path, formats: Sequence[str] =
     from resnet_cli.inference import load_trained
 
     formats = parse_formats(",".join(formats))
-    trained = load_trained(checkpoint, "cpu", weights)
+    trained = load_trained(checkpoint, "cpu", weights, tta)
     out_dir = Path(out_dir)
     stem = name or trained.model_name
     targets = {fmt: out_dir / f"{stem}{SUFFIX[fmt]}" for fmt in formats}
     claim_outputs([(t, "--out") for t in targets.values()], inputs=[trained.path], overwrite=overwrite)
-    log(trained.weights.line())
+    log(trained.line())
     model = trained.model.float()
+    plain = model.model if trained.tta else model  # the classifier itself, without the flip average
     x = example_batch(trained.eval_spec)
     with torch.inference_mode():
-        reference = model(x)
+        reference, plain_reference = model(x), plain(x)
     if not bool(torch.isfinite(reference).all()):
         raise UserError(f"{trained.path}: the model's outputs are not finite (NaN or inf) on the example batch; "
                         f"nothing was exported")
@@ -174,9 +177,10 @@ def export(checkpoint: str | Path, out_dir: str | Path, formats: Sequence[str] =
                 _export_torchscript(model, x, tmp)
                 got = _check_torchscript(tmp, x)
             else:
-                _export_safetensors(trained, model, tmp)
+                _export_safetensors(trained, plain, tmp)
                 got = _check_safetensors(tmp, x)
-            diff = None if got is None else float((got.float() - reference.float()).abs().max())
+            want = plain_reference if fmt == "safetensors" else reference
+            diff = None if got is None else float((got.float() - want.float()).abs().max())
             if diff is not None and not (math.isfinite(diff) and diff <= atol):
                 raise UserError(f"{target}: outputs differ from PyTorch by {diff:.2e} (> --atol {atol:g}); "
                                 f"not exported")
@@ -202,6 +206,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--name", help="file stem (default: the model's name)")
     ap.add_argument("--weights", choices=WEIGHTS, default="auto", help=WEIGHTS_HELP)
     ap.add_argument("--overwrite", action="store_true", help="replace exported files that already exist")
+    ap.add_argument("--tta", choices=TTA, default="auto", help=TTA_HELP)
     return ap.parse_args(argv)
 
 
@@ -213,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         formats = parse_formats(args.formats)  # before the checkpoint is read
         out = Path(args.out) if args.out else resolve_checkpoint(args.checkpoint).parent / "export"
-        export(args.checkpoint, out, formats, args.atol, args.name, weights=args.weights, overwrite=args.overwrite)
+        export(args.checkpoint, out, formats, args.atol, args.name, weights=args.weights, overwrite=args.overwrite,
+               tta=args.tta)
 
 
 if __name__ == "__main__":

@@ -276,13 +276,61 @@ def choose_weights(ckpt: Mapping, choice: str = "auto", source: Any = "") -> Wei
     return Weights(name, dict(state), "; ".join(reason))
 
 
+# -- flip test-time augmentation ----------------------------------------------------------------
+
+TTA = ("auto", "on", "off")
+TTA_HELP = ("auto (default): average each image's logits with its mirror's where training measured that it helps "
+            "(and mirroring keeps the class); on, off")
+
+
+def flip_average(model: "nn.Module") -> "nn.Module":
+    """`model` whose logits are the mean of the image's and its left-right mirror's (flip TTA)."""
+    import torch
+
+    class FlipAverage(torch.nn.Module):
+        """Flip test-time augmentation around a classifier; the classifier stays `model`."""
+
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.model(x) + self.model(torch.flip(x, dims=[3]))) / 2
+
+    return FlipAverage(model)
+
+
+def tta_choice(ckpt: Mapping, choice: str, source: Any) -> tuple[bool, str]:
+    """(use flip TTA, why) for --tta auto|on|off and what the checkpoint's `tta` entry measured."""
+    if choice not in TTA:
+        raise UserError(f"--tta {choice}: use {', '.join(TTA)}")
+    entry = ckpt.get("tta")
+    entry = entry if isinstance(entry, Mapping) else {}
+    mirror, helped = entry.get("mirror"), entry.get("flip")
+    plain, flipped = entry.get("val_acc"), entry.get("val_acc_flip")
+    measured = (f"val acc {plain:.4f} without, {flipped:.4f} with" if _finite(plain) and _finite(flipped)
+                else "not measured")
+    if choice == "off":
+        return False, "tta: off (--tta off)"
+    if choice == "on":
+        if mirror is False:
+            raise UserError(f"--tta on: {source} was trained on classes that mirroring changes (dataset.flip "
+                            f"resolved off), so a mirrored image is another class; use --tta off")
+        return True, f"tta: flip (--tta on; {measured})"
+    if helped is True and mirror is not False:
+        return True, f"tta: flip (it helped: {measured})"
+    why = ("mirroring changes the classes" if mirror is False else measured if helped is False
+           else "not measured by this run")
+    return False, f"tta: off ({why})"
+
+
 # -- the whole trained model ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Trained:
     """A trained model in eval mode and the checked facts the tools need about it."""
 
-    model: "nn.Module"
+    model: "nn.Module"  # flip-averaged when `tta` is on (flip_average): what the tools run
     path: Path  # the checkpoint file it came from
     ckpt: dict  # the loaded checkpoint (data only: tensors and plain containers)
     weights: Weights
@@ -290,6 +338,12 @@ class Trained:
     eval_spec: dict
     model_name: str
     model_kwargs: dict  # create_model's keywords as rebuilt, image_size resolved
+    tta: bool = False
+    tta_detail: str = "tta: off"
+
+    def line(self) -> str:
+        """The line the tools print: which weights, and whether flip TTA is on and why."""
+        return f"{self.weights.line()}; {self.tta_detail}"
 
     def eval_transform(self) -> Callable:
         """PIL image -> the normalized tensor the model was validated on."""
@@ -316,10 +370,11 @@ def rebuild(ckpt: Mapping, source: Any, weights: Weights | None = None) -> tuple
     return model, name, {**kwargs, "image_size": spec["crop"]}
 
 
-def load_trained(path: str | os.PathLike, device: Any = "cpu", weights: str = "auto") -> Trained:
+def load_trained(path: str | os.PathLike, device: Any = "cpu", weights: str = "auto", tta: str = "auto") -> Trained:
     """Load a checkpoint file or run folder safely and rebuild its model in eval mode on `device`.
 
     `weights` is auto, ema or raw (see choose_weights): by default the weights that training validated.
+    `tta` is auto, on or off (tta_choice): auto averages with the mirror where training measured a gain.
     """
     import torch
 
@@ -328,9 +383,11 @@ def load_trained(path: str | os.PathLike, device: Any = "cpu", weights: str = "a
     path = resolve_checkpoint(path)
     ckpt = checkpoint.load(path, map_location="cpu")
     chosen = choose_weights(ckpt, weights, path)
+    use, detail = tta_choice(ckpt, tta, path)
     model, name, kwargs = rebuild(ckpt, path, chosen)
+    model = flip_average(model) if use else model
     return Trained(model.to(torch.device(device)).eval(), path, ckpt, chosen, class_names(ckpt, path),
-                   eval_spec(ckpt, path), name, kwargs)
+                   eval_spec(ckpt, path), name, kwargs, use, detail)
 
 
 # -- the dataset a checkpoint was trained on (resnet-eval) ---------------------------------------

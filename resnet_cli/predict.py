@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from resnet_cli.errors import OneLineParser, UserError, one_line, positive_int, reported
 from resnet_cli.fileio import atomic_write, claim_outputs, is_regular_file, kind_of, regular_file
-from resnet_cli.inference import WEIGHTS, WEIGHTS_HELP
+from resnet_cli.inference import TTA, TTA_HELP, WEIGHTS, WEIGHTS_HELP
 
 if TYPE_CHECKING:
     from resnet_cli.inference import Trained
@@ -275,6 +275,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="replace output files that already exist (never an input image)")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     ap.add_argument("--weights", choices=WEIGHTS, default="auto", help=WEIGHTS_HELP)
+    ap.add_argument("--tta", choices=TTA, default="auto", help=TTA_HELP)
     ap.add_argument("--batch-size", type=positive_int, default=64)
     ap.add_argument("--on-bad-image", choices=ON_BAD_IMAGE, default="error",
                     help="error (default): stop at an unreadable image, naming it; skip: leave it out and say so")
@@ -306,7 +307,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     names = read_class_names(args.class_names) if args.class_names else None
     check_outputs(args, files)
     device = str(resolve_device(args.device, key="--device"))
-    trained = load_trained(args.checkpoint, device, args.weights)
+    trained = load_trained(args.checkpoint, device, args.weights, args.tta)
     if names is not None and len(names) != len(trained.class_names):
         raise UserError(f"--class-names {args.class_names}: {len(names)} names, but the model has "
                         f"{len(trained.class_names)} classes")
@@ -314,7 +315,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     results = predict(trained, files, topk=args.topk, batch_size=args.batch_size, device=device,
                       on_bad_image=args.on_bad_image, skipped=skipped, names=names)
     # After the predictions, so that an error stays the only line on stderr; stdout may be JSON or CSV.
-    print(f"resnet-predict: {trained.weights.line()}", file=sys.stderr)
+    print(f"resnet-predict: {trained.line()}", file=sys.stderr)
     for path, reason in skipped:
         print(f"resnet-predict: skipped: {reason}", file=sys.stderr)
     if skipped:

@@ -158,11 +158,12 @@ HPARAM_METRICS = ("val/best_acc", "val/acc", "val/loss", "train/loss", "train/ac
 
 
 def write_metrics(tracker: Tracker, history: list[dict], best_epoch: int, *, finished: bool, seconds: float,
-                  monitor: str, detail: dict | None = None, test: dict | None = None) -> None:
+                  monitor: str, detail: dict | None = None, test: dict | None = None,
+                  tta: dict | None = None) -> None:
     """metrics.json: the best and final values, whether the run finished, and every epoch's row.
 
     `detail` is the best epoch's per-class metrics (metrics.classification plus confused_pairs); `test`
-    the held-out test split's, measured once with the weights the run kept.
+    the held-out test split's, measured once with the weights the run kept; `tta` what flip TTA did on val.
     """
     row = history[-1]
     best_row = next((r for r in history if r["epoch"] == best_epoch), row)
@@ -177,6 +178,7 @@ def write_metrics(tracker: Tracker, history: list[dict], best_epoch: int, *, fin
             "best_val_per_class": detail["per_class"], "best_val_confused_pairs": detail["confused_pairs"]}
            if detail else {}),
         **({f"test_{k}": v for k, v in test.items()} if test else {}),
+        **({"tta": tta} if tta else {}),
         "final_val_acc": row["val_acc"],
         "final_val_loss": row["val_loss"],
         "epochs": len(history),

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_cli import build, checkpoint, engine, metrics, reports, tracking
+from resnet_cli import build, checkpoint, engine, heldout, metrics, reports, tracking
 from resnet_cli.errors import UserError
 from resnet_cli.fileio import atomic_write, write_json
 from resnet_cli.optim import lr_by_role, steps_on_metric
@@ -335,9 +335,12 @@ class Trainer:
         return finished
 
     def finish(self) -> float:
-        """Log the run's HParams row and where to look; returns the best val accuracy (what sweeps optimise)."""
+        """Measure TTA and the test split, log the HParams row and where to look; returns the best val accuracy."""
         p, rt = self.progress, self.rt
         best = max((r["val_acc"] for r in p.history), default=0.0)
+        final = heldout.measure(self)  # every rank: evaluation is a collective
+        if rt.is_main and final:
+            self._record_final(final)
         if rt.is_main and p.history:
             tracking.final_hparams(self.cfg, self.tracker, self.run_dir, image_size=int(self.data.eval_spec["crop"]),
                                    precision=rt.precision)
@@ -346,6 +349,21 @@ class Trainer:
                      p.best_epoch, self.run_dir.resolve(), tracking.tensorboard_logdir(self.run_dir,
                                                                                       self.cfg.output_root))
         return best
+
+    def _record_final(self, final: dict) -> None:
+        """metrics.json, TensorBoard and the log get what heldout.measure found (rank 0)."""
+        p, test, tta = self.progress, final.get("test"), final.get("tta")
+        tracking.write_metrics(self.tracker, p.history, p.best_epoch, finished=True,
+                               seconds=time.perf_counter() - self.started, monitor=self.plan.monitor,
+                               detail=p.best_detail, test=test, tta=tta)
+        if tta and tta.get("mirror"):
+            log.info("flip TTA on val with best.pt's weights: acc %.4f without, %.4f with: %s", tta["val_acc"],
+                     tta["val_acc_flip"], "the tools use it (--tta auto)" if tta["flip"] else "not used")
+        if test:
+            self.tracker.scalars({f"test/{k}": test[k] for k in ("acc", "loss", "balanced_acc", "macro_f1")},
+                                 p.global_step)
+            log.info("test: acc %.4f, balanced acc %.4f, macro-F1 %.4f, loss %.4f (%s)", test["acc"],
+                     test["balanced_acc"], test["macro_f1"], test["loss"], test["weights"])
 
     def close(self) -> None:
         """Give the signals back and close the events (also on a stop or a divergence: up to the checkpoint)."""

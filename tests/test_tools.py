@@ -144,11 +144,19 @@ def test_predict_bad_path_is_one_line_and_nonzero(trained, tmp_path):
 
 def test_eval_reproduces_the_accuracy_in_metrics_json(trained, tmp_path):
     out = tmp_path / "eval.json"
-    res = run_script("resnet-eval", str(trained / "best.pt"), "--json", str(out), cwd=tmp_path)
+    res = run_script("resnet-eval", str(trained / "best.pt"), "--json", str(out), "--tta", "off", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(out.read_text())
     metrics = read_metrics(trained)
     assert report["accuracy"] == pytest.approx(metrics["best_val_acc"], abs=1e-9)
+    # By default (--tta auto) it measures what the tools run: with flip TTA where training found it helped.
+    auto = tmp_path / "auto.json"
+    res_auto = run_script("resnet-eval", str(trained / "best.pt"), "--json", str(auto), "--no-tensorboard",
+                          cwd=tmp_path)
+    assert res_auto.returncode == 0, res_auto.stderr[-2000:]
+    tta = metrics["tta"]
+    want = tta["val_acc_flip"] if tta["flip"] else metrics["best_val_acc"]
+    assert json.loads(auto.read_text())["accuracy"] == pytest.approx(want, abs=1e-9)
     assert report["samples"] == 200
     cm = torch.tensor(report["confusion_matrix"])
     assert int(cm.trace()) == round(report["accuracy"] * 200)
@@ -205,7 +213,7 @@ def test_tools_use_the_ema_weights_training_validated(trained_ema, val_pngs, tmp
     folder, _ = val_pngs
     files = predict.find_images([str(folder)])[:8]
     preds = tmp_path / "preds.json"
-    predict.main([str(last), *map(str, files), "--topk", "10", "--json", str(preds)])
+    predict.main([str(last), *map(str, files), "--topk", "10", "--json", str(preds), "--tta", "off"])
     assert "resnet-predict: weights: ema (" in capsys.readouterr().err
     got = json.loads(preds.read_text())
 

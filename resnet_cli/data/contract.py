@@ -46,6 +46,9 @@ class DataBundle:
     calibration: Callable[[int], BatchSource] | None = None
     class_counts: list[int] = field(default_factory=list)  # training images per class (imbalance, monitor auto)
     val_files: list[str] | None = None  # the val samples' files in val order (folders); None: arrays (by index)
+    test: BatchSource | None = None  # a held-out test split (a test/ folder beside val/), evaluated once at the end
+    val_is_test: bool = False  # the validation split is the dataset's official test set (CIFAR, MNIST)
+    mirror_ok: bool | None = None  # whether mirroring keeps the classes (dataset.flip resolved); None: unknown
 
 
 def _splitmix(x: np.ndarray) -> np.ndarray:

@@ -64,18 +64,12 @@ def folder_bundle(
     **options: Any,
 ) -> DataBundle:
     """Scan, check, split (once, saved as a manifest) and wrap class folders under `root` as a DataBundle."""
-    train_dir, val_dir = resolve_layout(root)
+    train_dir, val_dir, test_dir = resolve_layout(root)
     tscan = scan(train_dir, root)
     notes: list[str] = []
     if val_dir is not None:
         vscan = scan(val_dir, root)
-        if set(tscan.classes) != set(vscan.classes):
-            only_t = sorted(set(tscan.classes) - set(vscan.classes))
-            only_v = sorted(set(vscan.classes) - set(tscan.classes))
-            raise UserError(
-                f"{train_dir} and {val_dir} hold different classes (only in train: {_listed(only_t)}; "
-                f"only in val: {_listed(only_v)}); make the class folders match"
-            )
+        _same_classes(train_dir, tscan, val_dir, vscan)
         manifest_path = root / "manifest.json"
         if val_dir.name != "val":
             notes.append(f"validating on {val_dir.name}/ (no val/ folder)")
@@ -89,6 +83,10 @@ def folder_bundle(
     _warn_each("empty class folder %s dropped", [train_dir / c for c in tscan.empty], more="empty class folders")
     if tscan.empty:
         notes.append(f"empty class folders dropped: {shown(tscan.empty)}")
+    test_scan = scan(test_dir, root) if test_dir is not None else None
+    if test_scan is not None:
+        _same_classes(train_dir, tscan, test_dir, test_scan)
+        notes.append(f"{test_dir.name}/ held out: evaluated once at the end")
     runs = tscan.runs + (vscan.runs if vscan is not None else [])
     if runs:
         log.warning("%s: not classes: %s hold resnet-cli run folders (is output_root inside dataset.root?)",
@@ -113,12 +111,25 @@ def folder_bundle(
     if len(classes) < 2:
         raise UserError(f"{train_dir}: only one class folder with images ({classes[0]}); a classifier needs at least "
                         f"two, one folder of images per class")
-    non_images = tscan.non_images + (vscan.non_images if vscan else [])
+    non_images = tscan.non_images + (vscan.non_images if vscan else []) + (test_scan.non_images if test_scan else [])
     if non_images:
         _warn_each("ignoring non-image file %s", [root / p for p in non_images], more="non-image files")
         notes.append(f"{len(non_images)} non-image files ignored")
+    test_items = None
+    if test_scan is not None:
+        index = {c: i for i, c in enumerate(classes)}
+        test_items = [(p, index[c]) for c in classes for p in test_scan.files[c]]
     return files_bundle(name, root, classes, train_items, val_items, manifest=manifest, manifest_path=manifest_path,
-                        saved_manifest=saved, notes=notes, **options)
+                        saved_manifest=saved, notes=notes, test_items=test_items, **options)
+
+
+def _same_classes(train_dir: Path, tscan: Any, other_dir: Path, other: Any) -> None:
+    # A held-out split of other classes cannot be scored by this classifier.
+    if set(tscan.classes) != set(other.classes):
+        only_t = sorted(set(tscan.classes) - set(other.classes))
+        only_o = sorted(set(other.classes) - set(tscan.classes))
+        raise UserError(f"{train_dir} and {other_dir} hold different classes (only in {train_dir.name}: "
+                        f"{_listed(only_t)}; only in {other_dir.name}: {_listed(only_o)}); make the class folders match")
 
 
 def files_bundle(
@@ -132,6 +143,7 @@ def files_bundle(
     manifest_path: Path | None = None,
     saved_manifest: dict | None = None,
     notes: list[str] | None = None,
+    test_items: list[Item] | None = None,
     on_bad_image: str = "error",
     max_bad_images: int = 0,
     verify_images: bool = False,
@@ -156,8 +168,9 @@ def files_bundle(
     """
     policy = BadImagePolicy(on_bad_image, max_bad_images)
     notes, manifest = list(notes or []), dict(manifest or {})
+    # The stamp covers the test files too: their decoded array is cached under it.
     cache = FolderCache(manifest_path.parent if manifest_path else root,
-                        stamp(root, train_items, val_items))
+                        stamp(root, train_items, val_items, *([test_items] if test_items else [])))
     scanned = None if verify_images else cache.scanned(root, train_items, val_items)
     if scanned:  # nothing changed since a run saved this scan: no header is read again
         train_items, val_items, train_sizes = scanned["train"], scanned["val"], scanned["sizes"]
@@ -172,6 +185,10 @@ def files_bundle(
         raise UserError(f"{root}: no readable training images")
     if not val_items:
         raise UserError(f"{root}: the validation split is empty; add images or raise dataset.val_fraction")
+    if test_items is not None:  # evaluated once: its headers are checked each run, not cached
+        test_items, _ = check_headers(root, test_items, policy)
+        if not test_items:
+            raise UserError(f"{root}: the test split holds no readable image; add images or remove test/")
 
     if mean == "auto" or std == "auto":
         if manifest.get("mean") is None:
@@ -185,30 +202,33 @@ def files_bundle(
     side = int(cache_size) if cache_size else geometry.cache_size
     names = parse_augment(augment)
     dev = torch.device(device)
-    cache_bytes = (len(train_items) + len(val_items)) * 3 * side * side
+    cache_bytes = (len(train_items) + len(val_items) + len(test_items or ())) * 3 * side * side
     loader, loader_why = choose_loader(loader, names, cache_bytes, memory_budget, dev, device_memory(dev))
     fresh: dict[str, ArraySplit] = {}  # decoded by this run: saved to the cache once the bundle is built
     if loader == "memory":
         train_set, val_set = (_decoded(cache, root, split, items, side, policy, fresh)
                               for split, items in (("train", train_items), ("val", val_items)))
+        test_set = _decoded(cache, root, "test", test_items, side, policy, fresh) if test_items else None
         notes.append(f"decoded cache {side} px: " + (f"miss, decoded {', '.join(fresh)}" if fresh else "hit, no image opened"))
         # What the arrays hold: a file whose header read but whose body did not decode is not in them.
         train_labels, val_labels = train_set.labels.tolist(), val_set.labels.tolist()
     else:
         train_set, val_set = ImageFiles(root, train_items), ImageFiles(root, val_items)
+        test_set = ImageFiles(root, test_items) if test_items else None
         train_labels, val_labels = [c for _, c in train_items], [c for _, c in val_items]
     if policy.skipped:
         notes.append(f"{len(policy.skipped)} bad images skipped")
     if not train_labels or not val_labels:
         raise UserError(f"{root}: no {'training' if not train_labels else 'validation'} image decodes")
-    summary = (f"{name}: {len(classes)} classes, train {len(train_labels)} / val {len(val_labels)} images, "
+    tested = f" / test {len(test_set.labels) if hasattr(test_set, 'labels') else len(test_items)}" if test_items else ""
+    summary = (f"{name}: {len(classes)} classes, train {len(train_labels)} / val {len(val_labels)}{tested} images, "
                f"{size_range(train_sizes)}; {per_class(classes, train_labels, val_labels)}"
                + "".join(f"; {n}" for n in notes))
     # The val files in the order validation sees them (a file that did not decode is not in the arrays).
     val_files = [rel for rel, _ in val_items if str(root / rel) not in policy.skipped]
     bundle = make_bundle(classes, train_set, val_set, loader=loader, device=device, geometry=geometry,
                          loader_why=loader_why, mean=mean, std=std, augment=augment, memory_budget=memory_budget,
-                         bad_policy=policy, summary=summary, val_files=val_files, **options)
+                         bad_policy=policy, summary=summary, val_files=val_files, test=test_set, **options)
     # Written only now that the data has loaded, so a failed start leaves the data folder as it was; never over a
     # file that is not ours (a dataset's own manifest.json).
     ours = saved_manifest is not None or (manifest_path is not None and not os.path.lexists(manifest_path))

@@ -75,6 +75,7 @@ def make_bundle(
     bad_policy: BadImagePolicy | None = None,
     summary: str = "",
     val_files: list[str] | None = None,
+    test: ArraySplit | Dataset | None = None,
 ) -> DataBundle:
     """Build the train/val BatchSources for `loader` and wrap them with the eval spec and summary.
 
@@ -109,6 +110,8 @@ def make_bundle(
             cutout=cutout, mixer=mixer, **kw,
         )
         val_src = MemorySource(val.images.to(device), val.labels, batch_size=val_batch_size or batch_size, train=False, **kw)
+        test_src = (MemorySource(test.images.to(device), test.labels, batch_size=val_batch_size or batch_size,
+                                 train=False, **kw) if isinstance(test, ArraySplit) else None)
         workers = 0
 
         def calibration(k: int) -> BatchSource:
@@ -127,6 +130,8 @@ def make_bundle(
         as_ds = lambda s: TensorImages(s) if isinstance(s, ArraySplit) else s  # noqa: E731
         train_src = LoaderSource(as_ds(train), train_tf, batch_size=batch_size, train=True, drop_last=drop_last, mixer=mixer, **kw)
         val_src = LoaderSource(as_ds(val), val_tf, batch_size=val_batch_size or batch_size, train=False, **kw)
+        test_src = (LoaderSource(as_ds(test), val_tf, batch_size=val_batch_size or batch_size, train=False, **kw)
+                    if test is not None else None)
 
         def calibration(k: int) -> BatchSource:
             ds = as_ds(train)
@@ -142,8 +147,12 @@ def make_bundle(
     if labels is None:  # a map-style dataset of files: ImageFiles keeps (path, label) items
         labels = [label for _, label in getattr(train, "items", [])]
     counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=len(class_names)).tolist()
+    # Whether mirroring keeps the classes, for flip TTA: what the user set or the mirror test found
+    # (unknown when flip=auto had no augmentation to decide for, so the test did not run).
+    mirror_ok = geometry.hflip if augmenting or str(flip).lower() != "auto" else None
     return DataBundle(list(class_names), train_src, val_src, eval_spec, summary, plan=plan, workers=workers,
-                      calibration=calibration, class_counts=counts, val_files=val_files)
+                      calibration=calibration, class_counts=counts, val_files=val_files, mirror_ok=mirror_ok,
+                      test=test_src)
 
 
 def without_lone_tail(k: int, batch_size: int) -> int:

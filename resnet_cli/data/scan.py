@@ -70,12 +70,18 @@ def scan(folder: Path, rel_to: Path) -> Scan:
     return result
 
 
-def resolve_layout(root: Path) -> tuple[Path, Path | None]:
-    """(train folder, val folder or None when the set must be split)."""
+def resolve_layout(root: Path) -> tuple[Path, Path | None, Path | None]:
+    """(train folder, val folder or None when the set must be split, test folder or None).
+
+    train/ + val/ + test/ is the usual three-way layout: test/ is then held out, evaluated once at the
+    end. Without a val-like folder a test/ is what validates (fast.ai's layout), and there is no test split.
+    """
     if (root / "train").is_dir():
         held_out = next((root / name for name in VAL_FOLDERS if (root / name).is_dir()), None)
-        return root / "train", held_out
-    return root, None
+        test = root / "test"
+        has_test = held_out is not None and held_out.name != "test" and test.is_dir()
+        return root / "train", held_out, test if has_test else None
+    return root, None, None
 
 
 def check_headers(root: Path, items: list[Item], policy: BadImagePolicy) -> tuple[list[Item], list[tuple[int, int]]]:
