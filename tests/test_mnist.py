@@ -327,3 +327,22 @@ def test_the_real_debian_fashion_mnist_folder_loads_as_the_official_splits():
     (mean,), (std,) = STATS["fashion_mnist"]
     assert mean_all == pytest.approx(mean, abs=5e-5) and std_all == pytest.approx(std, abs=5e-5)
     assert compose(["dataset=fashion_mnist"]).dataset.mean == [mean]
+
+
+# --- README ----------------------------------------------------------------------------------------------------
+
+def test_the_readme_offline_command_trains_from_a_read_only_flat_folder(cli, tmp_path):
+    """README's offline command, verbatim but for the folder (a tiny one in Debian's layout) and tiny sizes."""
+    from conftest import REPO
+
+    command = "resnet-train dataset=fashion_mnist dataset.root=/usr/share/datasets/fashion-mnist"
+    assert f"\n{command}\n" in (REPO / "README.md").read_text()
+    folder = tmp_path / "usr" / "share" / "datasets" / "fashion-mnist"
+    write_idx_files(folder, n_train=64, n_test=32)
+    before = snapshot(folder)
+    args = [a.replace("/usr/share/datasets/fashion-mnist", str(folder)) for a in command.split()[1:]]
+    res = cli(*args, "model=simple_cnn", "trainer.epochs=1", "dataset.batch_size=32", *QUIET)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert snapshot(folder) == before
+    (metrics,) = [json.loads(p.read_text()) for p in (tmp_path / "outputs").rglob("metrics.json")]
+    assert metrics["epochs"] == 1 and metrics["finished"]
