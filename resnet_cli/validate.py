@@ -393,17 +393,18 @@ def _relations(get: Callable[[str], Any]) -> list[tuple[str, Any, str]]:
                                                     f"the memory loader offers {', '.join(MEMORY_PRESETS)}"))
     target = get("dataset._target_")
     declared = get("dataset.channels")
-    channels = declared if _is_int(declared) else 3  # a dataset without the key: RGB
+    # A dataset node without the key (a YAML of your own without a schema line): what its builder reads.
+    channels = declared if _is_int(declared) else 1 if target in _GRAY_BUILDERS else 3
+    numbers = f"{channels} number{'s' * (channels > 1)}"
+    if target in _GRAY_BUILDERS and channels != 1:
+        bad.append(("dataset.channels", declared, "is 1 for the idx datasets: their images are grayscale"))
     for key in ("dataset.mean", "dataset.std"):
         value = get(key)
         if value == "auto" and target not in _FOLDER_BUILDERS:
-            bad.append((key, "auto", f"is computed for image-folder datasets only; give {channels} number"
-                                     f"{'s' * (channels > 1)}"))
+            bad.append((key, "auto", f"is computed for image-folder datasets only; give {numbers}"))
         elif isinstance(value, list) and len(value) != channels:
-            bad.append((key, value, f"must have {channels} number{'s' * (channels > 1)}, one per image channel "
-                                    f"(dataset.channels={channels})"))
-    if target in _GRAY_BUILDERS and channels != 1:
-        bad.append(("dataset.channels", declared, "is 1 for the idx datasets: their images are grayscale"))
+            bad.append((key, value, f"must have {numbers}, one per channel of the dataset's {channels}-channel "
+                                    f"images"))
     in_channels = get("model.in_channels")
     if _is_int(in_channels) and in_channels != channels:
         bad.append(("model.in_channels", in_channels, f"contradicts the dataset's {channels}-channel images; leave it "
