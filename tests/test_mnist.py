@@ -128,13 +128,18 @@ def test_download_from_a_mirror_is_md5_checked_into_torchvisions_layout_and_trai
     assert "from " + str(raw) in res.stdout + res.stderr
 
 
-def test_a_download_failing_its_md5_is_one_line_and_keeps_nothing(cli, tmp_path):
+def test_a_download_failing_its_md5_is_one_line_and_keeps_nothing(tmp_path):
+    from resnet_cli.data import mnist
+    from resnet_cli.errors import UserError
+
     served = tmp_path / "mirror"
     files = write_idx_files(served, n_train=64, n_test=32)
-    files["test_labels"]["md5"] = "0" * 32
+    md5s = {role: f["md5"] for role, f in files.items()} | {"test_labels": "0" * 32}
     root = tmp_path / "data"
-    res = cli("dataset=mnist", *download_overrides(served, files, root), "trainer.dry_run=true", *QUIET)
-    line = assert_one_line(res, "t10k-labels-idx1-ubyte.gz", "md5", "0" * 32)
+    with pytest.raises(UserError) as refused:
+        mnist(root=str(root), mirrors=[(served / "gone").as_uri(), served.as_uri()], md5s=md5s)
+    line = str(refused.value)
+    assert "\n" not in line and "t10k-labels-idx1-ubyte.gz" in line and f"md5 check (expected {'0' * 32})" in line
     assert "also tried 1 other mirror" in line
     assert not (root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz").exists()
     assert not [p for p in (root / "MNIST" / "raw").iterdir() if p.name.startswith(".download")]
@@ -170,23 +175,40 @@ def damage(folder: Path, how: str) -> str:
     raise ValueError(how)
 
 
-@pytest.mark.parametrize("how, says", [
-    ("missing", "not found; put the four idx files there"),
-    ("bad magic", "magic number 2049 where idx images have 2051"),
-    ("truncated", "truncated or damaged"),
-    ("truncated gzip", "not a complete gzip file"),
-    ("wrong count", "31 labels for the 32 images"),
-])
-def test_a_missing_or_damaged_idx_file_is_one_line_naming_it(cli, tmp_path, how, says):
+DAMAGE = {
+    "missing": "not found; put the four idx files there",
+    "bad magic": "magic number 2049 where idx images have 2051",
+    "truncated": "truncated or damaged",
+    "truncated gzip": "not a complete gzip file",
+    "wrong count": "31 labels for the 32 images",
+}
+
+
+@pytest.mark.parametrize("how", ["missing", "bad magic", "truncated"])
+def test_a_missing_or_damaged_idx_file_is_one_line_naming_it(cli, tmp_path, how):
     folder = tmp_path / "fashion"
     write_idx_files(folder, n_train=64, n_test=32)
     name = damage(folder, how)
     res = cli("dataset=fashion_mnist", f"dataset.root={folder}", "dataset.download=false", "trainer.dry_run=true",
               *QUIET)
-    line = assert_one_line(res, str(folder / name), says)
+    line = assert_one_line(res, str(folder / name), DAMAGE[how])
     # ... and what to do: where the files go, or that a download fetches them
     assert "dataset.download=true" in line and len(line.replace(str(folder), "")) < 300, line
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.pt"))
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_every_kind_of_damage_is_one_user_error_naming_the_file(tmp_path, how):
+    """The same faults and more, in-process (the entry point prints a UserError as its one line, as above)."""
+    from resnet_cli.data import fashion_mnist
+    from resnet_cli.errors import UserError
+
+    write_idx_files(tmp_path, n_train=64, n_test=32)
+    name = damage(tmp_path, how)
+    with pytest.raises(UserError) as refused:
+        fashion_mnist(root=str(tmp_path), download=False)
+    line = str(refused.value)
+    assert "\n" not in line and str(tmp_path / name) in line and DAMAGE[how] in line and "dataset.download=true" in line
 
 
 def test_the_channel_keys_are_checked_before_any_data():
