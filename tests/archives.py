@@ -142,7 +142,7 @@ def idx_bytes(array: np.ndarray) -> bytes:
 
 
 def gray_images(labels: np.ndarray, size: int = 28, seed: int = 0) -> np.ndarray:
-    """uint8 [N, size, size] glyphs a small net learns at once: a bright bar whose row and brightness follow the class."""
+    """uint8 [N, size, size] glyphs a small net learns at once: a bright bar, its row and level set by the class."""
     rng = np.random.RandomState(seed)
     images = rng.normal(20, 12, size=(len(labels), size, size))
     rows = (2 + labels * (size - 6) // 9).astype(int)

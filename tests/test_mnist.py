@@ -75,7 +75,8 @@ def test_torchvisions_layout_raw_or_gzip_is_read_and_preferred_over_files_in_roo
     write_idx_files(tmp_path / "data", n_train=50, n_test=25, seed=2)  # e.g. Fashion-MNIST's, flat in a shared root
     bundle = mnist(root=str(tmp_path / "data"), download=False)
     images, labels = as_arrays(bundle.val)
-    assert np.array_equal(images[:, 0], own["test_images"]["array"]) and np.array_equal(labels, own["test_labels"]["array"])
+    assert np.array_equal(images[:, 0], own["test_images"]["array"])
+    assert np.array_equal(labels, own["test_labels"]["array"])
     assert bundle.train.num_samples == 40 and bundle.class_names[0] == "0 - zero"
     assert "from " + str(tmp_path / "data" / "MNIST" / "raw") in bundle.summary
 

@@ -180,7 +180,8 @@ def _idx_dataset(name: str, *, root: str, download: bool, mirrors: Sequence[str]
     mean, std = STATS[name]
     options = {"mean": mean, "std": std, "image_size": "auto", **options}  # auto: the files' own 28 px
     files = locate(name, root, download=download, mirrors=mirrors, md5s=md5s)
-    fix = f"replace it with the original {cls.__name__} file, or delete it: dataset.download=true fetches it when online"
+    fix = (f"replace it with the original {cls.__name__} file, or delete it: dataset.download=true fetches it "
+           f"when online")
     classes = list(cls.classes)
     train = load_split(files, "train", len(classes), num_train, fix)
     val = load_split(files, "test", len(classes), num_val, fix)
