@@ -93,6 +93,21 @@ def test_num_train_and_num_val_take_the_first_images(tmp_path):
                                                                        "re", "wo"]
 
 
+def test_the_dataloader_path_keeps_one_channel_and_validates_what_the_memory_path_does(tmp_path):
+    """loader=dataloader (per-image policies such as trivialaugment): the same 1-channel eval batches as in memory."""
+    from resnet_cli.data import mnist
+
+    write_idx_files(tmp_path, n_train=40, n_test=20)
+    memory = mnist(root=str(tmp_path), download=False, val_batch_size=20)
+    loader = mnist(root=str(tmp_path), download=False, val_batch_size=20, loader="dataloader", num_workers=0,
+                   augment="trivialaugment", batch_size=8)
+    (want, want_y), (got, got_y) = next(iter(memory.val.iter_from(0))), next(iter(loader.val.iter_from(0)))
+    assert got.shape == (20, 1, 28, 28) and torch.equal(got_y, want_y)
+    assert torch.allclose(got, want, atol=1e-5)
+    x, _ = next(iter(loader.train.iter_from(0)))
+    assert x.shape == (8, 1, 28, 28) and loader.eval_spec == memory.eval_spec
+
+
 # --- (2) the download: torchvision's names and md5s by default, the real fetch + md5 code served from file:// --------
 
 def test_null_mirrors_and_md5s_mean_torchvisions_own():
