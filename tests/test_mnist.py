@@ -260,6 +260,16 @@ def test_any_model_on_mnist_builds_a_one_channel_stem(model):
         assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_the_bf16_probe_feeds_a_one_channel_model_its_own_input():
+    """runtime.bf16_grad_hazard runs the model once: on a 1-channel stem too, finding the same 1x1-map conv."""
+    from resnet_cli.models import create_model
+    from resnet_cli.runtime import bf16_grad_hazard
+
+    for channels in (1, 3):
+        net = create_model("resnet18", 10, image_size=16, in_channels=channels, stem="imagenet")
+        assert bf16_grad_hazard(net, 16, torch.device("cpu")) == "layer4.0.conv1"
+
+
 @pytest.fixture(scope="module")
 def mnist_run(tmp_path_factory):
     """resnet20 trained one epoch on tiny MNIST-format files: (run folder, the files)."""
