@@ -165,6 +165,16 @@ class HeldOutSplit(Word):
     val, test = "val", "test"
 
 
+@dataclass
+class IdxMd5:
+    """md5 of each gzip'd idx file a download fetches; null: torchvision's pinned value (<Class>.resources)."""
+
+    train_images: Optional[str] = None  # train-images-idx3-ubyte.gz
+    train_labels: Optional[str] = None  # train-labels-idx1-ubyte.gz
+    test_images: Optional[str] = None  # t10k-images-idx3-ubyte.gz
+    test_labels: Optional[str] = None  # t10k-labels-idx1-ubyte.gz
+
+
 # true | false, left untyped on purpose: OmegaConf's bool node would turn `yes`, `on` or 1 into true,
 # and the dataset's switches have always refused those (validate.py's Bool rule checks them).
 StrictBool = Any
@@ -243,6 +253,34 @@ class Cifar100Dataset(Cifar10Dataset):
 
 
 @dataclass
+class MnistDataset(ArrayDataset):
+    """dataset=mnist: the four idx files (train 60k / test 10k), read by torchvision's readers (resnet_cli.data.mnist).
+
+    root holds them directly (gzip'd or not: Debian's /usr/share/datasets layout) or in torchvision's
+    <root>/<Class>/raw/; a download (torchvision's mirrors and md5s unless overridden) goes to the latter.
+    """
+
+    image_size: Union[int, str] = 28
+    channels: int = 1  # the idx images are grayscale; the model's first conv follows (model.in_channels)
+    root: str = MISSING
+    download: StrictBool = True
+    mirrors: Optional[List[str]] = None  # URL prefixes tried in order; null: torchvision's <Class>.mirrors
+    md5s: IdxMd5 = field(default_factory=IdxMd5)
+    num_train: Optional[int] = None  # the first N training images; null: all
+    num_val: Optional[int] = None  # the first N of the official test set (the split evaluated each epoch); null: all
+
+
+@dataclass
+class FashionMnistDataset(MnistDataset):
+    """dataset=fashion_mnist: Zalando's Fashion-MNIST in MNIST's format (resnet_cli.data.fashion_mnist)."""
+
+
+@dataclass
+class KmnistDataset(MnistDataset):
+    """dataset=kmnist: Kuzushiji-MNIST, cursive Japanese in MNIST's format (resnet_cli.data.kmnist)."""
+
+
+@dataclass
 class FolderDataset(DatasetConfig):
     """Keys of every class-folder dataset (resnet_cli.data.imagefolder.files_bundle): bad files, the decoded cache."""
 
@@ -312,7 +350,8 @@ class ModelConfig:
     _partial_: bool = True  # the runner adds num_classes
     name: str = MISSING  # a registered model (resnet-models lists them)
     image_size: Any = "${dataset.image_size}"  # replaced by the resolved training size before the build
-    in_channels: int = 3
+    # the images' channels: a dataset node that declares `channels` (mnist: 1) sets it, every other one gives 3
+    in_channels: int = "${oc.select:dataset.channels,3}"  # type: ignore[assignment]
     drop_rate: float = 0.0  # dropout before the classifier fc
     pretrained: Any = False  # false | true: torchvision's ImageNet weights (where it ships them) | a weights file
     freeze_backbone: bool = False  # train only fc (fine-tuning)
@@ -373,6 +412,9 @@ SCHEMAS: dict[str, type] = {
     "cifar10_schema": Cifar10Dataset,
     "cifar100_schema": Cifar100Dataset,
     "shapes_schema": ShapesDataset,
+    "mnist_schema": MnistDataset,
+    "fashion_mnist_schema": FashionMnistDataset,
+    "kmnist_schema": KmnistDataset,
     "imagefolder_schema": ImageFolderDataset,
     "flowers_schema": FlowersDataset,
     "flowers102_schema": Flowers102Dataset,

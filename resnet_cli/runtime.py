@@ -99,11 +99,13 @@ def bf16_grad_hazard(model: torch.nn.Module, image_size: int, device: torch.devi
                                          if min(args[0].shape[-2:]) == 1 and max(m.stride) > 1 else None)
              for name, m in model.named_modules()
              if isinstance(m, torch.nn.Conv2d) and max(m.kernel_size) > 1]
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    channels = first.in_channels if first is not None else 3  # the images' channels (1 for MNIST)
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size, device=device))
+            model(torch.zeros(1, channels, image_size, image_size, device=device))
     finally:
         model.train(was_training)
         for h in hooks:

@@ -37,6 +37,8 @@ AUGMENT_PRESETS = tuple(p.value for p in AugmentPreset)
 MEMORY_PRESETS = ("none", "standard")
 # Builders whose `mean: auto` / `std: auto` are computed from the images (class-folder datasets).
 _FOLDER_BUILDERS = ("resnet_cli.data.imagefolder", "resnet_cli.data.flowers", "resnet_cli.data.flowers102")
+# Builders whose images have one channel (the idx files of resnet_cli.data.mnist); every other dataset's have 3.
+_GRAY_BUILDERS = ("resnet_cli.data.mnist", "resnet_cli.data.fashion_mnist", "resnet_cli.data.kmnist")
 
 
 class Rule:
@@ -258,8 +260,8 @@ RULES: dict[str, Rule] = {
     # dataset (typed by a resnet_cli.config.DatasetConfig subclass; a key is checked where the dataset has it)
     "dataset._target_": Text(),
     "dataset.root": AnyOf(Null(), Text()),
-    "dataset.num_train": Int(1),
-    "dataset.num_val": Int(1),
+    "dataset.num_train": AnyOf(Null(), Int(1)),  # null (mnist): all of them
+    "dataset.num_val": AnyOf(Null(), Int(1)),
     "dataset.image_size": AnyOf(Choice("auto"), Int(8)),
     "dataset.resize": AnyOf(Null(), Choice("auto"), Int(1)),
     "dataset.auto_max_size": Int(8),
@@ -279,8 +281,9 @@ RULES: dict[str, Rule] = {
     "dataset.cutout": Int(0),
     "dataset.mixup_alpha": NON_NEGATIVE,
     "dataset.cutmix_alpha": NON_NEGATIVE,
-    "dataset.mean": AnyOf(Choice("auto"), Seq(Num(), length=3)),
-    "dataset.std": AnyOf(Choice("auto"), Seq(POSITIVE, length=3)),
+    "dataset.mean": AnyOf(Choice("auto"), Seq(Num(), min_length=1)),  # one per channel: a relation below
+    "dataset.std": AnyOf(Choice("auto"), Seq(POSITIVE, min_length=1)),
+    "dataset.channels": Int(1),
     "dataset.drop_last": Bool(),
     "dataset.val_fraction": FRACTION,
     "dataset.split_seed": Int(0),
@@ -292,6 +295,9 @@ RULES: dict[str, Rule] = {
     "dataset.url_prefix": Text(),
     "dataset.md5": AnyOf(Null(), Match(r"[0-9a-f]{32}", "32 hex digits")),
     "dataset.sha256": AnyOf(Null(), Match(r"[0-9a-f]{64}", "64 hex digits")),
+    "dataset.mirrors": AnyOf(Null(), Seq(Text(), min_length=1)),
+    **{f"dataset.md5s.{role}": AnyOf(Null(), Match(r"[0-9a-f]{32}", "32 hex digits"))
+       for role in ("train_images", "train_labels", "test_images", "test_labels")},
     "dataset.labels": choice_of(CifarLabels),
     "dataset.val_split": choice_of(HeldOutSplit),
     # model (typed by a resnet_cli.config.ModelConfig subclass: create_model's and its builder's keywords)
@@ -389,9 +395,23 @@ def _relations(get: Callable[[str], Any]) -> list[tuple[str, Any, str]]:
             bad.append(("dataset.augment", augment, f"needs dataset.loader=dataloader ({extra[0]} runs per image); "
                                                     f"the memory loader offers {', '.join(MEMORY_PRESETS)}"))
     target = get("dataset._target_")
+    declared = get("dataset.channels")
+    # A dataset node without the key (a YAML of your own without a schema line): what its builder reads.
+    channels = declared if _is_int(declared) else 1 if target in _GRAY_BUILDERS else 3
+    numbers = f"{channels} number{'s' * (channels > 1)}"
+    if target in _GRAY_BUILDERS and channels != 1:
+        bad.append(("dataset.channels", declared, "is 1 for the idx datasets: their images are grayscale"))
     for key in ("dataset.mean", "dataset.std"):
-        if get(key) == "auto" and target not in _FOLDER_BUILDERS:
-            bad.append((key, "auto", "is computed for image-folder datasets only; give three numbers"))
+        value = get(key)
+        if value == "auto" and target not in _FOLDER_BUILDERS:
+            bad.append((key, "auto", f"is computed for image-folder datasets only; give {numbers}"))
+        elif isinstance(value, list) and len(value) != channels:
+            bad.append((key, value, f"must have {numbers}, one per channel of the dataset's {channels}-channel "
+                                    f"images"))
+    in_channels = get("model.in_channels")
+    if _is_int(in_channels) and in_channels != channels:
+        bad.append(("model.in_channels", in_channels, f"contradicts the dataset's {channels}-channel images; leave it "
+                                                      f"out: it follows dataset.channels"))
     return bad
 
 

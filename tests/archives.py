@@ -6,12 +6,16 @@ import gzip
 import hashlib
 import io
 import pickle
+import struct
 import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+# The four files of MNIST's format (and Fashion-MNIST's, KMNIST's), by the role resnet_cli.data.mnist gives them.
+IDX_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 FLOWER_CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 
@@ -128,3 +132,45 @@ def write_class_folders(root: str | Path, per_class: int = 6, size: int = 40, cl
         for i in range(per_class):
             (root / name / f"{i:03d}.jpg").write_bytes(jpeg_bytes(class_color(c), size, seed=c * 100 + i))
     return root
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Unsigned bytes in the idx format: a big-endian magic 0x0000_08_<ndim> (2051 for images, 2049 for
+    labels), each dimension as a big-endian uint32, then the data row-major."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    return struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def gray_images(labels: np.ndarray, size: int = 28, seed: int = 0) -> np.ndarray:
+    """uint8 [N, size, size] glyphs a small net learns at once: a bright bar, its row and level set by the class."""
+    rng = np.random.RandomState(seed)
+    images = rng.normal(20, 12, size=(len(labels), size, size))
+    rows = (2 + labels * (size - 6) // 9).astype(int)
+    for i, (label, row) in enumerate(zip(labels, rows)):
+        images[i, row:row + 3, 3:size - 3] = 120 + 13 * label
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def write_idx_files(folder: str | Path, n_train: int = 200, n_test: int = 100, *, gz: bool = True, size: int = 28,
+                    seed: int = 0) -> dict[str, dict]:
+    """The four idx files in `folder`, gzip'd (mtime 0, so the same bytes every time) or raw.
+
+    Returns role -> {"path", "md5" (of the file as written), "array" (its content)}.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    train_labels, test_labels = rng.randint(0, 10, n_train), rng.randint(0, 10, n_test)
+    arrays = {"train_images": gray_images(train_labels, size, seed), "train_labels": train_labels,
+              "test_images": gray_images(test_labels, size, seed + 1), "test_labels": test_labels}
+    out = {}
+    for role, array in arrays.items():
+        data = idx_bytes(array)
+        path = folder / (IDX_FILES[role] + (".gz" if gz else ""))
+        if gz:
+            with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+                f.write(data)
+        else:
+            path.write_bytes(data)
+        out[role] = {"path": path, "md5": _digest(path, "md5"), "array": array.astype(np.uint8)}
+    return out

@@ -77,7 +77,8 @@ def test_cifar10_recipe_and_memory_holds_uint8_once(tmp_path):
     assert src.images.dtype == torch.uint8 and src.images.shape == (100, 3, 32, 32)
     assert src.images.untyped_storage().nbytes() == 100 * 3 * 32 * 32  # one uint8 copy, no float cache
     assert (src.pad, src.pad_mode, src.flip, src.size) == (4, "reflect", True, 32)
-    assert b.eval_spec == {"resize": 32, "crop": 32, "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616]}
+    assert b.eval_spec == {"resize": 32, "crop": 32, "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616],
+                           "channels": 3}
     mean, std = torch.tensor(b.eval_spec["mean"]).view(3, 1, 1), torch.tensor(b.eval_spec["std"]).view(3, 1, 1)
     x, _ = next(b.val.iter_from(0))
     raw = b.val.images[b.val.order[:20]].float() / 255

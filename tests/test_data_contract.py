@@ -27,7 +27,7 @@ def test_shapes_bundle_contract() -> None:
     assert x.shape == (32, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
     seen = torch.cat([y for _, y in b.val.iter_from(0)])
     assert len(seen) == 100  # val drops nothing
-    assert b.eval_spec == {"resize": 16, "crop": 16, "mean": [0.5] * 3, "std": [0.3] * 3}
+    assert b.eval_spec == {"resize": 16, "crop": 16, "mean": [0.5] * 3, "std": [0.3] * 3, "channels": 3}
 
 
 def test_shapes_is_deterministic_and_seed_independent() -> None:

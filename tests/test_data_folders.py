@@ -35,7 +35,8 @@ def test_flowers_download_verify_extract_split_train(cli, tmp_path):
     run = only_run_dir(out)
     assert json.loads((run / "class_names.json").read_text()) == FLOWER_CLASSES
     ck = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
-    assert ck["eval_spec"] == {"resize": 36, "crop": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert ck["eval_spec"] == {"resize": 36, "crop": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                               "channels": 3}
     manifest = json.loads((data / "flower_photos" / "split-val0.1-seed0.json").read_text())
     assert len(manifest["train"]) == 25 and len(manifest["val"]) == 5  # 6 per class: 1 of each class in val
     assert {p.split("/")[0] for p in manifest["val"]} == set(FLOWER_CLASSES)
@@ -166,6 +167,9 @@ def test_flowers102_without_scipy_says_what_to_install(tmp_path, monkeypatch):
     assert (tmp_path / "data" / "flowers-102" / "jpg" / "image_00006.jpg").is_file()  # fetched, verified, extracted
 
 
+IDX = ("mnist", "fashion_mnist", "kmnist")  # the 1-channel datasets
+
+
 def test_every_dataset_yaml_builds_a_bundle(tmp_path, monkeypatch):
     """Each configs/dataset/*.yaml, as shipped (only the data source pointed at a fixture), feeds its builder."""
     import io
@@ -174,7 +178,7 @@ def test_every_dataset_yaml_builds_a_bundle(tmp_path, monkeypatch):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from archives import make_cifar10_archive, make_cifar100_archive
+    from archives import make_cifar10_archive, make_cifar100_archive, write_idx_files
     from resnet_cli import config_dir
     from resnet_cli.data import DataBundle
 
@@ -188,6 +192,7 @@ def test_every_dataset_yaml_builds_a_bundle(tmp_path, monkeypatch):
         "flowers": {"url": furl, "sha256": fsha},
         "imagefolder": {"root": str(write_class_folders(tmp_path / "img", per_class=3, size=20))},
         "shapes": {"num_train": 40, "num_val": 10},
+        **{name: {"root": str(write_idx_files(tmp_path / name, 20, 10)["test_images"]["path"].parent)} for name in IDX},
     }
     try:
         import scipy.io as sio
@@ -210,7 +215,8 @@ def test_every_dataset_yaml_builds_a_bundle(tmp_path, monkeypatch):
         cfg = OmegaConf.merge(dataset_config(name), extra[name], {"num_workers": 0})
         bundle = instantiate(cfg)(device="cpu", seed=0, rank=0, world_size=1)
         assert isinstance(bundle, DataBundle) and bundle.summary.startswith(name), name
-        assert set(bundle.eval_spec) == {"resize", "crop", "mean", "std"}
+        assert set(bundle.eval_spec) == {"resize", "crop", "mean", "std", "channels"}
+        assert bundle.eval_spec["channels"] == (1 if name in IDX else 3)
 
 
 def test_flowers_pinned_checksum_rejects_another_archive(cli, tmp_path):

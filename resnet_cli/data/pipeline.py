@@ -98,6 +98,10 @@ def make_bundle(
     augmenting = names != ["none"]
     geometry = with_flips(geometry, flip, vflip, train if augmenting else None)
     mean, std = [float(m) for m in mean], [float(s) for s in std]
+    channels = int(train.images.shape[1]) if arrays else 3  # image files decode to RGB
+    if len(mean) != channels or len(std) != channels:
+        raise UserError(f"dataset.mean and dataset.std need {channels} numbers each, one per image channel "
+                        f"(got {len(mean)} and {len(std)})")
     size = geometry.image_size
     mixer = make_mixer(len(class_names), mixup_alpha, cutmix_alpha)
     common = dict(seed=seed, rank=rank, world_size=world_size)
@@ -126,7 +130,7 @@ def make_bundle(
             names, image_size=size, crop=geometry.crop, pad=geometry.pad, pad_mode=pad_mode, scale=scale,
             cutout=cutout, mean=mean, std=std, hflip=geometry.hflip, vflip=geometry.vflip,
         )
-        val_tf = build_eval_transform(geometry.resize, size, mean, std)
+        val_tf = build_eval_transform(geometry.resize, size, mean, std, channels)
         as_ds = lambda s: TensorImages(s) if isinstance(s, ArraySplit) else s  # noqa: E731
         train_src = LoaderSource(as_ds(train), train_tf, batch_size=batch_size, train=True, drop_last=drop_last, mixer=mixer, **kw)
         val_src = LoaderSource(as_ds(val), val_tf, batch_size=val_batch_size or batch_size, train=False, **kw)
@@ -138,7 +142,7 @@ def make_bundle(
             idx = calibration_indices(len(ds), without_lone_tail(k, calib_batch), seed).tolist()
             return LoaderSource(Subset(ds, idx), val_tf, batch_size=calib_batch, train=False,
                                 **{**kw, "rank": 0, "world_size": 1})
-    eval_spec = {"resize": int(geometry.resize), "crop": int(size), "mean": mean, "std": std}
+    eval_spec = {"resize": int(geometry.resize), "crop": int(size), "mean": mean, "std": std, "channels": channels}
     per_image = [n for n in names if n not in ("none", "standard")]
     plan = (f"{geometry.describe(augmenting, scale)}" + (f", + {'+'.join(per_image)} (set)" if per_image else "")
             + f"; batch {batch_size} ({batch_why}); loader {loader} ({loader_why})"

@@ -48,10 +48,17 @@ def _normalize(mean: Sequence[float], std: Sequence[float]) -> list:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
-def build_eval_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """PIL image (any mode) or uint8 CHW tensor -> the normalized float tensor the model was evaluated on."""
+def build_eval_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float],
+                         channels: int = 3) -> Callable:
+    """PIL image (any mode) or uint8 CHW tensor -> the normalized float tensor the model was evaluated on.
+
+    `channels` is the model's input: 3 (RGB) or 1, where a PIL image becomes grayscale (PIL's own
+    conversion, exact for a grey image) and a 1-channel tensor stays as it is. Checkpoints written
+    before the eval spec had `channels` were all RGB, hence the default.
+    """
     return v2.Compose([
         v2.Lambda(_rgb_if_pil),
+        *([v2.Grayscale(1)] if int(channels) == 1 else []),  # before ToImage: on the PIL image
         v2.ToImage(),
         v2.Resize(resize, antialias=True),
         v2.CenterCrop(crop),
