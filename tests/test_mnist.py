@@ -288,7 +288,7 @@ def test_mnist_trains_one_epoch_and_evaluates_the_official_test_set(mnist_run):
     run, files = mnist_run
     metrics = read_metrics(run)
     assert metrics["epochs"] == 1 and metrics["best_val_acc"] > 0.2, metrics  # chance: 0.1
-    report, _ = evaluate_checkpoint(run)
+    report, _ = evaluate_checkpoint(run, tta="off")  # the bare model, as validation measured it
     truth = np.bincount(files["test_labels"]["array"][:100], minlength=10)
     assert report["samples"] == 100 and np.array(report["confusion_matrix"]).sum(1).tolist() == truth.tolist()
     assert report["accuracy"] == pytest.approx(metrics["final_val_acc"], abs=1e-6)
@@ -313,7 +313,7 @@ def test_resnet_predict_classifies_png_digits_as_the_run_validated_them(mnist_ru
     probabilities as the model gives the stored 1-channel test images, normalized as validation did."""
     from PIL import Image
 
-    from resnet_cli.predict import load_model
+    from resnet_cli.inference import load_trained
 
     run, files = mnist_run
     images = files["test_images"]["array"][:6]
@@ -324,11 +324,12 @@ def test_resnet_predict_classifies_png_digits_as_the_run_validated_them(mnist_ru
     Image.fromarray(images[0], "L").convert("RGB").save(tmp_path / "digit0_rgb.png")
     script = Path(sys.executable).parent / "resnet-predict"
     res = subprocess.run([str(script), str(run), *map(str, pngs), str(tmp_path / "digit0_rgb.png"), "--topk", "3",
-                          "--json", str(tmp_path / "preds.json")], capture_output=True, text=True, timeout=300)
+                          "--json", str(tmp_path / "preds.json"), "--tta", "off"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     preds = {Path(p["file"]).name: p["top"] for p in json.loads((tmp_path / "preds.json").read_text())}
 
-    model, ckpt, _ = load_model(run)
+    trained = load_trained(run, tta="off")
+    model, ckpt = trained.model, trained.ckpt
     (mean,), (std,) = ckpt["eval_spec"]["mean"], ckpt["eval_spec"]["std"]
     x = torch.from_numpy(images).float().div(255).sub(mean).div(std)[:, None]
     with torch.inference_mode():

@@ -75,7 +75,14 @@ def _array(root: Path) -> list[str]:
     return ["dataset=shapes", "dataset.num_train=128", "dataset.num_val=64", "dataset.image_size=16"]
 
 
-KINDS = {"imagefolder-auto-size": lambda root: _folder(root / "folder"), "flowers-archive": _flowers, "array-shapes": _array}
+def _idx(root: Path) -> list[str]:
+    from archives import write_idx_files
+
+    write_idx_files(root / "idx", n_train=160, n_test=64)  # MNIST's own format: one channel to the model
+    return ["dataset=mnist", f"dataset.root={root / 'idx'}", "dataset.batch_size=32"]
+
+
+KINDS = {"imagefolder-auto-size": lambda root: _folder(root / "folder"), "mnist-idx-1-channel": _idx, "flowers-archive": _flowers, "array-shapes": _array}
 
 
 @pytest.fixture(scope="module", params=list(KINDS))

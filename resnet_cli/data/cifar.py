@@ -69,7 +69,9 @@ def _cifar(name: str, *, root: str, url: str, md5: str, download: bool, loader: 
     class_names = [_text(n) for n in read_pickle(folder / meta_file)[names_key]]
     train, val = load_cifar(folder, train_files, label_key), load_cifar(folder, test_files, label_key)
     summary = array_summary(name, train, val, len(class_names))
-    return make_bundle(class_names, train, val, loader=loader, device=device, summary=summary, **options)
+    bundle = make_bundle(class_names, train, val, loader=loader, device=device, summary=summary, **options)
+    bundle.val_is_test = True  # validated on the official test set: the run's test numbers are its final epoch's
+    return bundle
 
 
 def cifar10(

@@ -190,7 +190,9 @@ def _idx_dataset(name: str, *, root: str, download: bool, mirrors: Sequence[str]
         raise UserError(f"{files['test_images']}: its images are not {size} like those of "
                         f"{files['train_images'].name}; {fix}")
     summary = f"{array_summary(name, train, val, len(classes))}, 1 channel, from {files['train_images'].parent}"
-    return make_bundle(classes, train, val, loader=loader, device=device, summary=summary, **options)
+    bundle = make_bundle(classes, train, val, loader=loader, device=device, summary=summary, **options)
+    bundle.val_is_test = True  # validated on the official test set: the run's test numbers are its final epoch's
+    return bundle
 
 
 def _builder(name: str):
