@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
+import torch.distributed as dist
+
 from resnet_cli import checkpoint, engine, metrics
-from resnet_cli.runfolder import BEST
+from resnet_cli.fileio import atomic_link
+from resnet_cli.runfolder import BEST, LAST
 
 if TYPE_CHECKING:
     from resnet_cli.trainer import Trainer
@@ -25,17 +29,31 @@ log = logging.getLogger("resnet_cli")
 
 
 def kept_model(trainer: "Trainer") -> tuple[Any, str] | None:
-    """(a copy of the model with best.pt's weights as the tools choose them, which) or None without a best.pt."""
+    """(a copy of the model with best.pt's weights as the tools choose them, which) or None without a best.pt.
+
+    Under torchrun only rank 0 reads best.pt (it wrote it; other nodes may not share its disk) and
+    broadcasts the weights, so every rank evaluates the same model or, with no best.pt, none does.
+    """
     from resnet_cli.inference import choose_weights
 
-    path = trainer.run_dir / BEST
-    if not path.is_file():
+    rt = trainer.rt
+    chosen = None
+    if rt.is_main:
+        path = trainer.run_dir / BEST
+        if path.is_file():
+            chosen = choose_weights(checkpoint.load(path, map_location=rt.device), "auto", path)
+    which = [chosen.name if chosen is not None else None]
+    if rt.distributed:
+        dist.broadcast_object_list(which, src=0)
+    if which[0] is None:
         return None
-    ck = checkpoint.load(path, map_location=trainer.rt.device)
-    chosen = choose_weights(ck, "auto", path)
     model = copy.deepcopy(trainer.parts.raw_model)
-    model.load_state_dict(chosen.state)
-    return model.eval(), chosen.name
+    if chosen is not None:
+        model.load_state_dict(chosen.state)
+    if rt.distributed:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    return model.eval(), which[0]
 
 
 def measure(trainer: "Trainer") -> dict:
@@ -86,7 +104,14 @@ def _evaluate(model: Any, source: Any, rt: Any, names: list[str]) -> dict:
 
 def _record_tta(trainer: "Trainer", tta: dict) -> None:
     # Into best.pt (the weights it was measured with), so a checkpoint sent on alone carries the decision.
-    path = trainer.run_dir / BEST
+    # Where best.pt is a second name for last.pt (the best epoch was the last), both names keep one file.
+    path, last = trainer.run_dir / BEST, trainer.run_dir / LAST
+    shared = last.is_file() and os.path.samefile(path, last)
     ck = checkpoint.load(path, map_location="cpu")
     ck["tta"] = tta
     checkpoint.atomic_save(ck, path)
+    if shared:
+        try:
+            atomic_link(path, last)
+        except OSError:  # no hard links here: last.pt keeps its own (equal but for "tta") bytes
+            pass
