@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from torch import nn
 
@@ -155,11 +155,13 @@ def build_scheduler(cfg: Any, optimizer: "torch.optim.Optimizer", steps_per_epoc
 
 
 def build_parts(cfg: Any, rt: "Runtime", raw_model: nn.Module, model: nn.Module, *, steps_per_epoch: int,
-                schedule: Callable[["torch.optim.Optimizer"], Any] | None = None, ema: bool = True) -> "Parts":
+                schedule: Callable[["torch.optim.Optimizer"], Any] | None = None, ema: bool = True,
+                class_weights: "Sequence[float] | None" = None) -> "Parts":
     """Optimizer, scheduler, loss scaler, loss and EMA for a model (from build_training_model).
 
     `schedule(optimizer)` replaces the configured scheduler (the LR finder's sweep); `ema=False` skips
-    the averaged copy where nothing evaluates it.
+    the averaged copy where nothing evaluates it; `class_weights` weight the loss (dataset.balance=loss:
+    class_loss_weights of the data).
     """
     import torch
 
@@ -176,7 +178,17 @@ def build_parts(cfg: Any, rt: "Runtime", raw_model: nn.Module, model: nn.Module,
                                  use_buffers=True)
     return Parts(model=model, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler,
                  scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16"),
-                 criterion=torch.nn.CrossEntropyLoss(label_smoothing=float(tcfg.label_smoothing)), ema=averaged)
+                 criterion=torch.nn.CrossEntropyLoss(
+                     weight=torch.tensor(class_weights, dtype=torch.float32, device=rt.device) if class_weights else None,
+                     label_smoothing=float(tcfg.label_smoothing)), ema=averaged)
+
+
+def class_loss_weights(data: "DataBundle") -> list[float] | None:
+    """dataset.balance=loss: each class weighted n / (classes x its count) (scikit-learn's "balanced"), else None."""
+    if data.balance != "loss":
+        return None
+    counts = [max(int(c), 1) for c in data.class_counts]
+    return [sum(counts) / (len(counts) * c) for c in counts]
 
 
 def build_settings(cfg: Any, rt: "Runtime", *, interval: str | None = None) -> "Settings":

@@ -147,6 +147,12 @@ class Flip(Word):
     auto, true, false = "auto", "true", "false"
 
 
+class Balance(Word):
+    """Imbalanced classes: auto (sampler at 3:1 or more uneven, else off) | off | sampler | loss (weighted)."""
+
+    auto, off, sampler, loss = "auto", "off", "sampler", "loss"
+
+
 class OnBadImage(Word):
     """An unreadable image: error (stop, naming the file) | skip (log, count, go on)."""
 
@@ -214,6 +220,9 @@ class DatasetConfig:
     mean: Any = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: Any = field(default_factory=lambda: list(IMAGENET_STD))
     drop_last: StrictBool = True  # train only; validation never drops samples
+    # auto: at 3:1 or more uneven training classes, draw each class equally often (docs/DATA.md), else off |
+    # off | sampler (draws with replacement in inverse proportion to the class sizes) | loss (class-weighted)
+    balance: Balance = Balance.auto
 
 
 @dataclass

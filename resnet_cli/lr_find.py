@@ -96,7 +96,8 @@ def find_lr(cfg: DictConfig, run_dir: Path, *, steps: int = 200, start_lr: float
         bundle = build.build_data(cfg, rt)
         raw, model = build.build_training_model(cfg, rt, len(bundle.class_names), bundle.eval_spec["crop"])
         # The training run's own step (accumulation, clipping, precision), the lr raised after each update.
-        parts = build.build_parts(cfg, rt, raw, model, steps_per_epoch=1, schedule=sweep, ema=False)
+        parts = build.build_parts(cfg, rt, raw, model, steps_per_epoch=1, schedule=sweep, ema=False,
+                                  class_weights=build.class_loss_weights(bundle))
         settings = build.build_settings(cfg, rt, interval="step")
         tracker = Tracker(run_dir, True)
         lrs: list[float] = []

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
+from resnet_cli.data.policy import IMBALANCE_RATIO, imbalance
+
 
 def cells(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:
     """The confusion matrix's non-zero cells as (true, predicted, count) tensors."""
@@ -83,17 +85,6 @@ def csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = Non
     for row in rows:
         writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
     return buf.getvalue()
-
-
-# Training classes this uneven (largest / smallest) make overall accuracy reward the common class:
-# `auto` then picks best.pt by balanced accuracy (the mean per-class recall) instead.
-IMBALANCE_RATIO = 3.0
-
-
-def imbalance(counts: Sequence[int]) -> float:
-    """Largest over smallest class count among the classes with any training images (1.0 for none or one)."""
-    held = [int(c) for c in counts if int(c) > 0]
-    return max(held) / min(held) if len(held) > 1 else 1.0
 
 
 def resolve_monitor(asked: str, counts: Sequence[int]) -> tuple[str, str]:

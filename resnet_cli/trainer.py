@@ -107,7 +107,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Iterator["Trainer"]:
         raw, model = build.build_training_model(cfg, rt, len(data.class_names), data.eval_spec["crop"])
         if rt.is_main:  # after the model: its shapes can overrule precision auto (build._avoid_bf16_grad_hazard)
             log.info("runtime: %s", rt.describe())
-        parts = build.build_parts(cfg, rt, raw, model, steps_per_epoch=plan.steps_per_epoch)
+        parts = build.build_parts(cfg, rt, raw, model, steps_per_epoch=plan.steps_per_epoch,
+                                  class_weights=build.class_loss_weights(data))
         settings = build.build_settings(cfg, rt)
         if rt.is_main:
             from resnet_cli.optim import describe_recipe

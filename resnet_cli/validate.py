@@ -25,8 +25,9 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from resnet_cli.config import (DATASET_SCHEMAS, AugmentPreset, CifarLabels, Crop, DatasetConfig, Flip, HeldOutSplit,
-                               Loader, ModelConfig, Monitor, OnBadImage, PadMode, TrainConfig, TrainerConfig)
+from resnet_cli.config import (DATASET_SCHEMAS, AugmentPreset, Balance, CifarLabels, Crop, DatasetConfig, Flip,
+                               HeldOutSplit, Loader, ModelConfig, Monitor, OnBadImage, PadMode, TrainConfig,
+                               TrainerConfig)
 from resnet_cli.errors import UserError, did_you_mean
 
 _ABSENT = object()
@@ -275,6 +276,7 @@ RULES: dict[str, Rule] = {
     "dataset.flip": choice_of(Flip),
     "dataset.vflip": Bool(),
     "dataset.crop": choice_of(Crop),
+    "dataset.balance": choice_of(Balance),
     "dataset.pad": AnyOf(Choice("auto"), Int(0)),
     "dataset.pad_mode": choice_of(PadMode),
     "dataset.scale": Seq(Num(0, 1, open="lo"), length=2, ordered=True),

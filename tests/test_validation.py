@@ -151,6 +151,7 @@ DATASET: dict[str, Dom] = {
                     st.tuples(st.floats(0.01, 1), st.floats(0.01, 1)).map(lambda p: sorted(p))),
     "on_bad_image": words("error", "skip", bad=("ignore", "warn")), "max_bad_images": ints(0),
     "verify_images": plain_bool(),
+    "balance": words("auto", "off", "sampler", "loss", bad=("bogus", "weighted", "on")),
 }
 OPTIMIZER: dict[str, Dom] = {
     "lr": POSITIVE, "momentum": FRACTION, "nesterov": plain_bool(), "weight_decay": NON_NEG,

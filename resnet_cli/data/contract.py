@@ -49,6 +49,7 @@ class DataBundle:
     test: BatchSource | None = None  # a held-out test split (a test/ folder beside val/), evaluated once at the end
     val_is_test: bool = False  # the validation split is the dataset's official test set (CIFAR, MNIST)
     mirror_ok: bool | None = None  # whether mirroring keeps the classes (dataset.flip resolved); None: unknown
+    balance: str = "off"  # dataset.balance resolved: off | sampler (in the train source) | loss (the criterion)
 
 
 def _splitmix(x: np.ndarray) -> np.ndarray:
@@ -79,11 +80,18 @@ def generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(mix_seed(*keys))
 
 
-def epoch_order(num: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
-    """The epoch's global sample order: a permutation seeded by (seed, epoch), or 0..num-1."""
+def epoch_order(num: int, shuffle: bool, seed: int, epoch: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The epoch's global sample order: a permutation seeded by (seed, epoch), or 0..num-1.
+
+    With per-sample `weights` (dataset.balance=sampler) it is `num` draws with replacement in proportion
+    to them instead, so every class is drawn about equally often.
+    """
     if not shuffle:
         return torch.arange(num)
-    return torch.randperm(num, generator=generator(seed, epoch, 0x5EED))
+    g = generator(seed, epoch, 0x5EED)
+    if weights is not None:
+        return torch.multinomial(weights, num, replacement=True, generator=g)
+    return torch.randperm(num, generator=g)
 
 
 def shard(order: torch.Tensor, rank: int, world_size: int, equal: bool) -> torch.Tensor:

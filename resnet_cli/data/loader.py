@@ -113,8 +113,10 @@ class SeededDataset(Dataset):
 class EpochBatchSampler(Sampler):
     """Batches of (index, sample_seed) for this rank: order from (seed, epoch), entered at any batch."""
 
-    def __init__(self, num: int, batch_size: int, *, shuffle: bool, seed: int, rank: int, world_size: int, drop_last: bool) -> None:
+    def __init__(self, num: int, batch_size: int, *, shuffle: bool, seed: int, rank: int, world_size: int, drop_last: bool,
+                 weights: torch.Tensor | None = None) -> None:
         self.num, self.batch_size, self.shuffle, self.seed = num, batch_size, shuffle, seed
+        self.weights = weights.double().cpu() if weights is not None and shuffle else None  # balance=sampler
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch, self.start = 0, 0
         self.num_samples = len(shard(torch.arange(num), rank, world_size, equal=shuffle))
@@ -127,9 +129,11 @@ class EpochBatchSampler(Sampler):
         return max(0, self.total() - self.start)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = shard(epoch_order(self.num, self.shuffle, self.seed, self.epoch), self.rank, self.world_size, equal=self.shuffle)
-        order = order.numpy()
-        seeds = sample_seeds(mix_seed(self.seed, self.epoch), order)
+        positions = shard(torch.arange(self.num), self.rank, self.world_size, equal=self.shuffle)
+        order = epoch_order(self.num, self.shuffle, self.seed, self.epoch, self.weights)[positions].numpy()
+        # A sample's augmentation seed follows its index; with draws of replacement (balance=sampler) its
+        # position in the epoch, so a sample drawn twice is augmented two ways.
+        seeds = sample_seeds(mix_seed(self.seed, self.epoch), positions.numpy() if self.weights is not None else order)
         for b in range(self.start, self.total()):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
             yield list(zip(order[sl].tolist(), seeds[sl].tolist()))
@@ -163,10 +167,12 @@ class LoaderSource:
         pin_memory: bool = False,
         mixer: BatchMixer | None = None,
         bad_policy: BadImagePolicy | None = None,
+        weights: torch.Tensor | None = None,
     ) -> None:
         self.dataset = SeededDataset(dataset, transform)
         self.sampler = EpochBatchSampler(
-            len(dataset), batch_size, shuffle=train, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last and train
+            len(dataset), batch_size, shuffle=train, seed=seed, rank=rank, world_size=world_size,
+            drop_last=drop_last and train, weights=weights,
         )
         self.batch_size, self.num_samples, self.seed, self.rank = batch_size, self.sampler.num_samples, seed, rank
         self.mixer, self.train = (mixer if train else None), train

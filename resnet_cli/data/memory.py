@@ -52,6 +52,7 @@ class MemorySource:
         mean: Sequence[float] = (0.0, 0.0, 0.0),
         std: Sequence[float] = (1.0, 1.0, 1.0),
         mixer: BatchMixer | None = None,
+        weights: torch.Tensor | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 NCHW images, got {images.dtype} {tuple(images.shape)}")
@@ -71,6 +72,7 @@ class MemorySource:
         self.pad = pad if self.augment and crop == "pad" else 0
         self.pad_mode, self.flip, self.vflip, self.cutout = pad_mode, flip, vflip, cutout if self.augment else 0
         self.mixer = mixer if train else None
+        self.weights = weights.double().cpu() if weights is not None and train else None  # balance=sampler
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         # (x/255 - mean)/std as one multiply-add on the float batch.
@@ -89,8 +91,12 @@ class MemorySource:
             return
         self.epoch = epoch
         n, _, h, w = self.images.shape
-        order = shard(epoch_order(n, self.train, self.seed, epoch), self.rank, self.world_size, equal=self.train)
-        self.order = order.to(self.device)
+        drawn = epoch_order(n, self.train, self.seed, epoch, self.weights)
+        positions = shard(torch.arange(n), self.rank, self.world_size, equal=self.train)
+        self.order = drawn[positions].to(self.device)
+        # Augmentation is drawn per sample index; with draws of replacement (balance=sampler) per position in
+        # the epoch instead, so a sample drawn twice is not cropped and flipped the same way twice.
+        self.draw = positions.to(self.device) if self.weights is not None else self.order
         if not self.augment:
             return
         # Drawn on CPU so a CUDA run and a CPU run see the same numbers.
@@ -110,7 +116,8 @@ class MemorySource:
         """Batches start..len-1 of the current epoch."""
         for b in range(start, len(self)):
             idx = self.order[b * self.batch_size:(b + 1) * self.batch_size]
-            images, targets = self.batch(idx), self.labels[idx]
+            draw = self.draw[b * self.batch_size:(b + 1) * self.batch_size] if self.augment else None
+            images, targets = self.batch(idx, draw), self.labels[idx]
             if self.mixer is not None:
                 images, targets = self.mixer(images, targets, mix_seed(self.seed, self.epoch, self.rank, b))
             yield images, targets
@@ -118,17 +125,21 @@ class MemorySource:
     def __iter__(self) -> Iterator[Batch]:
         return self.iter_from(0)
 
-    def batch(self, idx: torch.Tensor) -> torch.Tensor:
-        """The normalized float batch for sample indices `idx` (on the device), augmented if training."""
+    def batch(self, idx: torch.Tensor, draw: torch.Tensor | None = None) -> torch.Tensor:
+        """The normalized float batch for sample indices `idx` (on the device), augmented if training.
+
+        `draw` indexes the epoch's augmentation draws (default: `idx`, one draw per sample).
+        """
         _, _, h, w = self.images.shape
+        draw = idx if draw is None else draw
         if self.augment and self.crop == "resized":
-            return self._resized(idx)
+            return self._resized(idx, draw)
         if self.augment:
-            rows = self._ar + (self.dy[idx] - self.pad)[:, None]
-            cols = self._ar + (self.dx[idx] - self.pad)[:, None]
+            rows = self._ar + (self.dy[draw] - self.pad)[:, None]
+            cols = self._ar + (self.dx[draw] - self.pad)[:, None]
             # A flip is a reversed column (vertical: row) index: crop and flips become one gather.
-            cols = torch.where(self.flipped[idx][:, None], cols.flip(1), cols)
-            rows = torch.where(self.vflipped[idx][:, None], rows.flip(1), rows)
+            cols = torch.where(self.flipped[draw][:, None], cols.flip(1), cols)
+            rows = torch.where(self.vflipped[draw][:, None], rows.flip(1), rows)
         else:
             rows = (self._ar + (h - self.size) // 2).expand(len(idx), -1)
             cols = (self._ar + (w - self.size) // 2).expand(len(idx), -1)
@@ -145,22 +156,22 @@ class MemorySource:
             inside = row_ok[:, None, :, None] & col_ok[:, None, None, :]
             x = torch.where(inside, x, self._bias)
         if self.cutout:
-            x = self._cut(x, idx)
+            x = self._cut(x, draw)
         return x
 
-    def _resized(self, idx: torch.Tensor) -> torch.Tensor:
+    def _resized(self, idx: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
         # One roi_align over the batch resamples every sample's box (aligned=True: pixel centres at +0.5;
         # adaptive sampling averages about one point per source pixel, so shrinking boxes is antialiased).
         x = self.images[idx].float()
         boxes = torch.cat([torch.arange(len(idx), device=self.device, dtype=torch.float32)[:, None],
-                           self.boxes[idx]], 1)
+                           self.boxes[draw]], 1)
         x = roi_align(x, boxes, output_size=self.size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
         if self.flip:
-            x = torch.where(self.flipped[idx][:, None, None, None], x.flip(3), x)
+            x = torch.where(self.flipped[draw][:, None, None, None], x.flip(3), x)
         if self.vflip:
-            x = torch.where(self.vflipped[idx][:, None, None, None], x.flip(2), x)
+            x = torch.where(self.vflipped[draw][:, None, None, None], x.flip(2), x)
         x = x.mul_(self._scale).add_(self._bias)
-        return self._cut(x, idx) if self.cutout else x
+        return self._cut(x, draw) if self.cutout else x
 
     def _fold(self, s: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Map source coordinates that fall in the padding back into the image.

@@ -13,8 +13,8 @@ from resnet_cli.data import mirror
 from resnet_cli.data.contract import BatchSource, DataBundle, generator
 from resnet_cli.data.loader import BadImagePolicy, LoaderSource
 from resnet_cli.data.memory import MemorySource
-from resnet_cli.data.policy import (Geometry, choose_loader, resolve_batch, resolve_flips, resolve_geometry,
-                                    usable_cores)
+from resnet_cli.data.policy import (Geometry, choose_loader, resolve_balance, resolve_batch, resolve_flips,
+                                    resolve_geometry, usable_cores)
 from resnet_cli.data.transforms import build_eval_transform, build_train_transform, make_mixer, parse_augment
 from resnet_cli.errors import UserError
 
@@ -76,6 +76,7 @@ def make_bundle(
     summary: str = "",
     val_files: list[str] | None = None,
     test: ArraySplit | Dataset | None = None,
+    balance: str = "auto",
 ) -> DataBundle:
     """Build the train/val BatchSources for `loader` and wrap them with the eval spec and summary.
 
@@ -97,6 +98,14 @@ def make_bundle(
         raise UserError("dataset.loader=memory needs a dataset that can be cached in memory")
     augmenting = names != ["none"]
     geometry = with_flips(geometry, flip, vflip, train if augmenting else None)
+    labels = train.labels if arrays else getattr(train, "labels", None)
+    if labels is None:  # a map-style dataset of files: ImageFiles keeps (path, label) items
+        labels = [label for _, label in getattr(train, "items", [])]
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    counts = torch.bincount(labels, minlength=len(class_names))
+    balance, balance_why = resolve_balance(balance, counts.tolist())
+    # balance=sampler: each sample drawn in inverse proportion to its class's size (every class equally often).
+    weights = (1.0 / counts.double().clamp(min=1))[labels] if balance == "sampler" else None
     mean, std = [float(m) for m in mean], [float(s) for s in std]
     channels = int(train.images.shape[1]) if arrays else 3  # image files decode to RGB
     if len(mean) != channels or len(std) != channels:
@@ -111,7 +120,7 @@ def make_bundle(
         train_src = MemorySource(
             train.images.to(device), train.labels, batch_size=batch_size, train=True, drop_last=drop_last,
             augment=augmenting, pad=geometry.pad, pad_mode=pad_mode, flip=geometry.hflip, vflip=geometry.vflip,
-            cutout=cutout, mixer=mixer, **kw,
+            cutout=cutout, mixer=mixer, weights=weights, **kw,
         )
         val_src = MemorySource(val.images.to(device), val.labels, batch_size=val_batch_size or batch_size, train=False, **kw)
         test_src = (MemorySource(test.images.to(device), test.labels, batch_size=val_batch_size or batch_size,
@@ -132,7 +141,8 @@ def make_bundle(
         )
         val_tf = build_eval_transform(geometry.resize, size, mean, std, channels)
         as_ds = lambda s: TensorImages(s) if isinstance(s, ArraySplit) else s  # noqa: E731
-        train_src = LoaderSource(as_ds(train), train_tf, batch_size=batch_size, train=True, drop_last=drop_last, mixer=mixer, **kw)
+        train_src = LoaderSource(as_ds(train), train_tf, batch_size=batch_size, train=True, drop_last=drop_last,
+                                 mixer=mixer, weights=weights, **kw)
         val_src = LoaderSource(as_ds(val), val_tf, batch_size=val_batch_size or batch_size, train=False, **kw)
         test_src = (LoaderSource(as_ds(test), val_tf, batch_size=val_batch_size or batch_size, train=False, **kw)
                     if test is not None else None)
@@ -145,18 +155,14 @@ def make_bundle(
     eval_spec = {"resize": int(geometry.resize), "crop": int(size), "mean": mean, "std": std, "channels": channels}
     per_image = [n for n in names if n not in ("none", "standard")]
     plan = (f"{geometry.describe(augmenting, scale)}" + (f", + {'+'.join(per_image)} (set)" if per_image else "")
-            + f"; batch {batch_size} ({batch_why}); loader {loader} ({loader_why})"
+            + f"; batch {batch_size} ({batch_why}); balance {balance} ({balance_why}); loader {loader} ({loader_why})"
             + (f", {workers} workers" if loader == "dataloader" else ""))
-    labels = train.labels if arrays else getattr(train, "labels", None)
-    if labels is None:  # a map-style dataset of files: ImageFiles keeps (path, label) items
-        labels = [label for _, label in getattr(train, "items", [])]
-    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=len(class_names)).tolist()
     # Whether mirroring keeps the classes, for flip TTA: what the user set or the mirror test found
     # (unknown when flip=auto had no augmentation to decide for, so the test did not run).
     mirror_ok = geometry.hflip if augmenting or str(flip).lower() != "auto" else None
     return DataBundle(list(class_names), train_src, val_src, eval_spec, summary, plan=plan, workers=workers,
-                      calibration=calibration, class_counts=counts, val_files=val_files, mirror_ok=mirror_ok,
-                      test=test_src)
+                      calibration=calibration, class_counts=counts.tolist(), val_files=val_files,
+                      mirror_ok=mirror_ok, test=test_src, balance=balance)
 
 
 def without_lone_tail(k: int, batch_size: int) -> int:

@@ -176,6 +176,35 @@ def resolve_flips(flip: object, vflip: object, test: Callable[[], "MirrorTest"] 
     return result.symmetric, v, result.reason()
 
 
+# Training classes this uneven (largest / smallest) make plain accuracy and plain cross-entropy reward the
+# common classes: `auto` then balances the classes (dataset.balance) and picks best.pt by balanced accuracy.
+IMBALANCE_RATIO = 3.0
+BALANCES = ("auto", "off", "sampler", "loss")
+# What balance=auto does above IMBALANCE_RATIO (docs/DATA.md: measured on a 10:1 folder of real images).
+AUTO_BALANCE = "sampler"
+
+
+def imbalance(counts: Sequence[int]) -> float:
+    """Largest over smallest class count among the classes with any training images (1.0 for none or one)."""
+    held = [int(c) for c in counts if int(c) > 0]
+    return max(held) / min(held) if len(held) > 1 else 1.0
+
+
+def resolve_balance(balance: object, counts: Sequence[int]) -> tuple[str, str]:
+    """dataset.balance (auto|off|sampler|loss) for training classes of these sizes: (mode, reason)."""
+    word = str(balance).lower()
+    if word not in BALANCES:
+        raise UserError(f"dataset.balance={balance}: use {', '.join(BALANCES)}")
+    if word != "auto":
+        return word, "set"
+    ratio = imbalance(counts)
+    if ratio < IMBALANCE_RATIO:
+        return "off", f"auto: classes within {ratio:.1f}:1"
+    how = ("each class drawn equally often" if AUTO_BALANCE == "sampler"
+           else "the loss weighted by inverse class frequency")
+    return AUTO_BALANCE, f"auto: classes {ratio:.1f}:1 (>= {IMBALANCE_RATIO:g}:1): {how}"
+
+
 # batch_size: auto. Small folders need optimizer steps more than they need big batches: the
 # largest power of two up to BATCH_MAX that still gives MIN_STEPS steps per epoch, at least BATCH_MIN.
 BATCH_MAX, BATCH_MIN, MIN_STEPS = 64, 16, 16
