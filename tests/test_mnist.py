@@ -297,13 +297,15 @@ def test_mnist_trains_one_epoch_and_evaluates_the_official_test_set(mnist_run):
     assert ckpt["model"]["conv1.weight"].shape[1] == 1
 
 
-def test_fashion_mnist_trains_one_epoch_on_a_slice(tmp_path):
+def test_fashion_mnist_trains_on_a_slice(tmp_path):
     files = write_idx_files(tmp_path / "data", n_train=200, n_test=100)
+    # Three epochs, not one: after four steps the first epoch's accuracy spreads 0.09..0.53 over seeds (a
+    # coin flip against 0.2); under a three-epoch schedule it measured 0.35..0.46 over seeds 0-3.
     fit_inproc(tmp_path / "run", ["dataset=fashion_mnist", f"dataset.root={tmp_path / 'data'}", "dataset.num_train=128",
-                                  "model=simple_cnn", "trainer.epochs=1", "dataset.batch_size=32",
+                                  "model=simple_cnn", "trainer.epochs=3", "dataset.batch_size=32",
                                   f"output_root={tmp_path / 'outputs'}", *QUIET])
     metrics = read_metrics(tmp_path / "run")
-    assert metrics["history"][0]["val_acc"] > 0.15, metrics  # chance is 0.1; a balanced draw of the tiny slice lands near 0.2
+    assert metrics["history"][0]["val_acc"] > 0.2, metrics
     names = json.loads((tmp_path / "run" / "class_names.json").read_text())
     assert names[0] == "T-shirt/top" and len(files["test_labels"]["array"]) == 100
 
