@@ -180,7 +180,8 @@ def resolve_flips(flip: object, vflip: object, test: Callable[[], "MirrorTest"] 
 # common classes: `auto` then balances the classes (dataset.balance) and picks best.pt by balanced accuracy.
 IMBALANCE_RATIO = 3.0
 BALANCES = ("auto", "off", "sampler", "loss")
-# What balance=auto does above IMBALANCE_RATIO (docs/DATA.md: measured on a 10:1 folder of real images).
+# What balance=auto does above IMBALANCE_RATIO: the sampler beat the class-weighted loss on a 10:1 folder
+# (balanced val acc 0.75 against 0.71, mean of three seeds; 0.64 with neither).
 AUTO_BALANCE = "sampler"
 
 
@@ -200,9 +201,7 @@ def resolve_balance(balance: object, counts: Sequence[int]) -> tuple[str, str]:
     ratio = imbalance(counts)
     if ratio < IMBALANCE_RATIO:
         return "off", f"auto: classes within {ratio:.1f}:1"
-    how = ("each class drawn equally often" if AUTO_BALANCE == "sampler"
-           else "the loss weighted by inverse class frequency")
-    return AUTO_BALANCE, f"auto: classes {ratio:.1f}:1 (>= {IMBALANCE_RATIO:g}:1): {how}"
+    return AUTO_BALANCE, f"auto: classes {ratio:.1f}:1 (>= {IMBALANCE_RATIO:g}:1): each class drawn equally often"
 
 
 # batch_size: auto. Small folders need optimizer steps more than they need big batches: the
